@@ -149,7 +149,8 @@ class JobSpec(_Strict):
     """A whole job: the cases, the implementations compared on each, and the policies."""
 
     name: Name
-    targets: list[Target] = Field(default_factory=lambda: [LOCAL_TARGET], min_length=1)
+    # Empty means "the default target of the settings" (``local`` when no .env exists).
+    targets: list[Target] = Field(default_factory=list)
     device: Literal["auto", "cuda", "cpu"] = "auto"
     cases: list[Case] = Field(min_length=1)
     implementations: list[Implementation] = Field(min_length=1)

@@ -33,8 +33,9 @@ REQUIRED_FILES = frozenset({RESULTS_NAME, LOG_NAME})
 
 RUN_ID_PATTERN = r"^[0-9]{8}T[0-9]{6}Z-[A-Za-z0-9._-]{1,64}-[0-9a-f]{6}$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
-# Relative POSIX paths of plain names: no absolute paths, no "..", no backslashes.
-BUNDLE_PATH_PATTERN = r"^(?!.*(?:^|/)\.\.?(?:/|$))[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+){0,3}$"
+# Relative POSIX paths of plain names, at most four deep: no absolute paths, no
+# backslashes; "." and ".." segments are refused by FileEntry's validator.
+BUNDLE_PATH_PATTERN = r"^[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+){0,3}$"
 
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
@@ -48,6 +49,13 @@ class FileEntry(_FromHost):
     path: Annotated[str, Field(pattern=BUNDLE_PATH_PATTERN, max_length=255)]
     size: Annotated[int, Field(ge=0, le=64 * 2**30)]
     sha256: Annotated[str, Field(pattern=SHA256_PATTERN)]
+
+    @field_validator("path")
+    @classmethod
+    def _no_dot_segments(cls, path: str) -> str:
+        if any(part in (".", "..") for part in path.split("/")):
+            raise ValueError("a bundle path may not contain '.' or '..' segments")
+        return path
 
 
 class Provenance(_FromHost):
