@@ -1,4 +1,4 @@
-"""The flow of one run: job -> target -> runner -> validated bundle -> report.
+"""The flow of one run on the local target: job -> runner -> validated bundle -> report.
 
 This module composes the layers below it (the local runner, bundle storage, the
 report) and owns no I/O of its own beyond the run's work folder. It returns result
