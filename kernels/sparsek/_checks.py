@@ -92,8 +92,13 @@ def check_qkv(q: object, k: object, v: object) -> tuple[int, int, int, int, int]
     return b, hq, hkv, s, d
 
 
-def check_scores(u: object, batch: int, kv_heads: int, seq_len: int, device: torch.device) -> None:
-    """Check u [B, Hkv, S]: float32 or float64, on q's device, every score finite."""
+def check_scores(
+    u: object, batch: int, kv_heads: int, seq_len: int, device: torch.device,
+    *, finite: bool = True,
+) -> None:
+    """Check u [B, Hkv, S]: float32 or float64, on q's device, and (unless ``finite`` is
+    False) every score finite. The finiteness check reads the data, which waits for the
+    device; a caller that already checked these scores may skip it."""
     u = check_tensor("u", u, 3, "[B, Hkv, S]")
     if u.dtype not in SCORE_DTYPES:
         raise ValueError(f"u must have dtype in ({_dtype_names(SCORE_DTYPES)}); got {u.dtype}")
@@ -103,6 +108,8 @@ def check_scores(u: object, batch: int, kv_heads: int, seq_len: int, device: tor
         raise ValueError(
             f"u must be [B={batch}, Hkv={kv_heads}, S={seq_len}]; got {tuple(u.shape)}"
         )
+    if not finite:
+        return
     bad = ~torch.isfinite(u)
     if bool(bad.any()):
         where = tuple(int(i) for i in bad.nonzero()[0])
@@ -129,10 +136,11 @@ def check_attention_inputs(
     window: object,
     causal: object,
     scale: object,
+    check_finite: bool = True,
 ) -> float:
     """Validate one SparseK attention call; return the resolved softmax scale."""
     b, _, hkv, s, d = check_qkv(q, k, v)
-    check_scores(u, b, hkv, s, q.device)
+    check_scores(u, b, hkv, s, q.device, finite=check_finite)
     check_non_negative_int("kv_budget", kv_budget)
     check_non_negative_int("window", window)
     check_causal(causal)
