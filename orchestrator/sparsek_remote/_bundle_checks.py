@@ -87,8 +87,9 @@ def _kind(mode: int) -> str:
 
 def _check_regular(rel: str, st: os.stat_result) -> None:
     if not stat.S_ISREG(st.st_mode):
+        links = ", and links are never followed" if stat.S_ISLNK(st.st_mode) else ""
         raise BundleError(f"{show(rel)} is {_kind(st.st_mode)}; a bundle holds only regular "
-                          "files and folders, and links are never followed")
+                          f"files and folders{links}")
     if st.st_nlink > 1:
         raise BundleError(f"{show(rel)} has {st.st_nlink} hard links; a bundle file must have "
                           "exactly one, so that it cannot alias a file outside the bundle")
@@ -227,7 +228,7 @@ def _json_error(exc: json.JSONDecodeError, text: str, name: str) -> str:
     where = f"line {exc.lineno}, column {exc.colno} (byte {exc.pos})"
     truncated = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated")
     tail = "; it ends early, so the file looks truncated" if truncated else ""
-    return f"{name} is not valid JSON: {exc.msg} at {where}{tail}"
+    return f"{name} is not valid JSON: {exc.msg.removesuffix(' at')} at {where}{tail}"
 
 
 def check_version(data: dict[str, Any], name: str) -> int:

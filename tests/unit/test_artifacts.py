@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from sparsek_remote import _bundle_checks
 from sparsek_remote.artifacts import (
     REASON_NAME,
     file_entries,
@@ -116,6 +117,15 @@ def test_an_empty_folder_is_let_be_and_not_stored(places: Places) -> None:
     stored = places.store(src)
 
     assert not (stored / "ncu" / "empty").exists()
+
+
+def test_a_file_swapped_for_a_link_after_the_scan_is_not_followed(tmp_path: Path) -> None:
+    # The scan refuses links first; this is the second line, on the open itself.
+    (tmp_path / "secret").write_text("secret\n")
+    (tmp_path / "swapped").symlink_to(tmp_path / "secret")
+
+    with pytest.raises(BundleError, match="'swapped' cannot be opened"):
+        _bundle_checks.digest(tmp_path / "swapped", "swapped", stop_after=100)
 
 
 def test_a_passing_only_bundle_validates(tmp_path: Path) -> None:
