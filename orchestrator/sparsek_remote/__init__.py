@@ -23,7 +23,6 @@ from sparsek_remote.schema import SCHEMA_VERSION, CaseResult, Manifest, Results
 __version__ = "0.1.0"
 
 __all__ = [
-    "SCHEMA_VERSION",
     "BundleError",
     "CaseResult",
     "ConfigError",
@@ -35,6 +34,7 @@ __all__ = [
     "RemoteError",
     "Results",
     "RunnerError",
+    "SCHEMA_VERSION",
     "SettingsError",
     "SparsekRemoteError",
     "__version__",

@@ -198,8 +198,10 @@ def _print_outcome(outcome: workflow.RunOutcome, as_json: bool) -> None:
 
 
 def _summary_table(results: Results) -> Table:
-    table = Table("case", "implementation", "status", "rel. error", "median ms", "IQR ms",
-                  "TFLOP/s", "GB/s", title="results")
+    table = Table(title="results")
+    for heading in ("case", "implementation", "status", "rel. error", "median ms", "IQR ms",
+                    "TFLOP/s", "GB/s"):
+        table.add_column(heading, overflow="fold")
     for r in results.results:
         gate = f"{r.gate.rel_error:.2e}" if r.gate and r.gate.rel_error is not None else "-"
         stats = r.timing.stats if r.timing else None

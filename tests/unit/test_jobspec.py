@@ -64,13 +64,13 @@ def _mutate(old: str, new: str) -> str:
 
 HOSTILE = {
     "unknown key": (_mutate("    window: 2\n", "    window: 2\n    windw: 3\n"),
-                    ["line 12", "cases[0].windw", "unknown key"]),
-    "wrong type": (_mutate("    S: 32", "    S: thirty-two"), ["line 6", "cases[0].S",
+                    ["line 13", "cases[0].windw", "unknown key"]),
+    "wrong type": (_mutate("    S: 32", "    S: thirty-two"), ["line 7", "cases[0].S",
                                                                "integer"]),
     "float for int": (_mutate("    D: 16", "    D: 16.5"), ["cases[0].D"]),
     "string for bool": (_mutate("causal: true", 'causal: "yes"'), ["cases[0].causal",
                                                                    "boolean"]),
-    "negative budget": (_mutate("kv_budget: 4", "kv_budget: -1"), ["line 10",
+    "negative budget": (_mutate("kv_budget: 4", "kv_budget: -1"), ["line 11",
                                                                    "cases[0].kv_budget",
                                                                    "greater than or equal"]),
     "negative window": (_mutate("window: 2", "window: -5"), ["cases[0].window"]),

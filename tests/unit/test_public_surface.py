@@ -10,7 +10,7 @@ import sparsek_remote
 
 def test_all_is_sorted_and_complete() -> None:
     names = sparsek_remote.__all__
-    assert names == sorted(names, key=lambda n: (not n.isupper(), n.lower()))
+    assert names == sorted(names)
     for name in names:
         assert hasattr(sparsek_remote, name), name
     public = {n for n in vars(sparsek_remote) if not n.startswith("_")}

@@ -104,7 +104,8 @@ def make_report(runs: list[str], settings: Settings, *, baseline: str | None = N
         raise ConfigError(f"no bundles found for {', '.join(runs)}")
     if out_dir is None:
         ids = list(dict.fromkeys(d.run_id for d in data))  # the order the user named
-        name = "report" if len(ids) == 1 else f"compare-{ids[0]}"
+        # Not a valid host alias, so a report folder is never mistaken for a bundle.
+        name = "_report" if len(ids) == 1 else f"_compare-{ids[0]}"
         out_dir = settings.results_dir / ids[-1] / name
     return report.write_report(data, out_dir, baseline=baseline)
 
