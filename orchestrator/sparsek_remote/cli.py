@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -41,6 +42,8 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 out = Console(highlight=False, soft_wrap=True)
+if not out.is_terminal:
+    out.width = max(out.width, 120)  # piped output: a log file, not an 80-column screen
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -198,18 +201,19 @@ def _print_outcome(outcome: workflow.RunOutcome, as_json: bool) -> None:
 
 
 def _summary_table(results: Results) -> Table:
-    table = Table(title="results")
-    for heading in ("case", "implementation", "status", "rel. error", "median ms", "IQR ms",
-                    "TFLOP/s", "GB/s"):
-        table.add_column(heading, overflow="fold")
+    table = Table(title="results", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table.add_column("case", no_wrap=True)
+    table.add_column("implementation", no_wrap=True)
+    for heading in ("status", "rel.err", "median ms", "IQR ms", "TFLOP/s", "GB/s"):
+        table.add_column(heading, justify="right")
     for r in results.results:
-        gate = f"{r.gate.rel_error:.2e}" if r.gate and r.gate.rel_error is not None else "-"
+        gate = f"{r.gate.rel_error:.1e}" if r.gate and r.gate.rel_error is not None else "-"
         stats = r.timing.stats if r.timing else None
         table.add_row(
             r.case, r.implementation, r.status, gate,
             f"{stats.median_ms:.4g}" if stats else "-", f"{stats.iqr_ms:.2g}" if stats else "-",
             f"{r.tflops:.3g}" if r.tflops is not None else "-",
-            f"{r.gbps:.4g}" if r.gbps is not None else "-")
+            f"{r.gbps:.3g}" if r.gbps is not None else "-")
     return table
 
 
