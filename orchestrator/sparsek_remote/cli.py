@@ -11,6 +11,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -21,8 +22,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from sparsek_remote import workflow
-from sparsek_remote.errors import ConfigError, GateFailed, SparsekRemoteError
-from sparsek_remote.jobspec import job_json_schema, load_job
+from sparsek_remote.errors import ConfigError, GateFailed, RemoteError, SparsekRemoteError
+from sparsek_remote.jobspec import LOCAL_TARGET, JobSpec, job_json_schema, load_job
 from sparsek_remote.schema import Results, bundle_json_schemas
 from sparsek_remote.settings import Settings, load_settings
 
@@ -90,26 +91,245 @@ def _settings() -> Settings:
     return load_settings(state.env_file)
 
 
-@app.command(epilog="Exit code 7 means a case failed its correctness gate (stored, untimed).")
+@app.command(epilog="Exit code 7 means a case failed its correctness gate (stored, untimed); "
+             "5 that a host failed (the message lists which failed and which did not).")
 def run(
-    job_file: Annotated[Path, typer.Argument(help="The job, e.g. jobs/local_smoke.yaml.")],
+    job_file: Annotated[Optional[Path], typer.Argument(  # noqa: UP045
+        help="The job, e.g. jobs/local_smoke.yaml.")] = None,
     target: Annotated[Optional[str], typer.Option(help="Host alias or 'local'.")] = None,  # noqa: UP045
     device: Annotated[Optional[str], typer.Option(help="auto, cuda or cpu.")] = None,  # noqa: UP045
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
     report: Annotated[bool, typer.Option(help="Write the report after the run.")] = True,
+    resume: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        metavar="RUN", help="Re-attach to a run on hosts: follow it, then fetch.")] = None,
+    trust_new_host_key: Annotated[bool, typer.Option(
+        "--trust-new-host-key",
+        help="Record the key of a host never seen before (compare its fingerprint first).")
+    ] = False,
+    detach: Annotated[bool, typer.Option(
+        "--detach", help="On hosts: start the jobs and return; `fetch` collects them.")
+    ] = False,
+    clear_stale_lock: Annotated[bool, typer.Option(
+        "--clear-stale-lock", help="Remove a host's lock left by a job whose process is gone.")
+    ] = False,
+    wheels: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="Wheels for bare hosts (default: built from this checkout).")] = None,
+    log: Annotated[bool, typer.Option(help="On hosts: show the runner's log live.")] = True,
 ) -> None:
-    """Run a job: correctness gate, then timing, then a validated bundle in results/."""
+    """Run a job: correctness gate, then timing, then a validated bundle in results/.
+
+    On hosts the job runs detached: a dropped link does not stop it, `run --resume RUN`
+    re-attaches, `fetch` collects. Ctrl-C asks whether to cancel the remote jobs."""
     with _handled(as_json):
         if device not in (None, "auto", "cuda", "cpu"):
             raise ConfigError(f"--device must be auto, cuda or cpu, not {device!r}")
         settings = _settings()
+        options = _RemoteOptions(as_json, report, trust_new_host_key, detach,
+                                 clear_stale_lock, wheels, log)
+        if resume is not None:
+            if job_file is not None:
+                raise ConfigError("give either a job file or --resume RUN, not both")
+            _resume_remote(resume, settings, options)
+            return
+        if job_file is None:
+            raise ConfigError("no job file given", hint="sparsek-remote run JOB_FILE "
+                              "(or --resume RUN to re-attach to a run on hosts)")
         job = load_job(job_file)
+        targets = workflow.resolve_targets(job, settings, target)
+        if targets != [LOCAL_TARGET]:
+            _run_remote(job, settings, targets, device, options)
+            return
         with _progress(disabled=as_json) as on_event:
             outcome = workflow.run_job(job, settings, project_root=Path.cwd(), target=target,
                                        on_event=on_event, with_report=report, device=device)
         _print_outcome(outcome, as_json)
         if outcome.gate_failures:
             raise GateFailed(outcome.gate_failures)
+
+
+# --- runs on hosts: run (remote part), fetch, trust -----------------------------------
+
+
+@dataclass(frozen=True)
+class _RemoteOptions:
+    as_json: bool
+    report: bool
+    trust_new_host_key: bool
+    detach: bool
+    clear_stale_lock: bool
+    wheels: Path | None
+    log: bool
+
+
+def _run_remote(job: JobSpec, settings: Settings, targets: list[str], device: str | None,
+                options: _RemoteOptions) -> None:
+    with _host_progress(disabled=options.as_json, show_log=options.log) as on_event:
+        outcome = workflow.run_on_hosts(
+            job, settings, targets=targets, project_root=Path.cwd(), on_event=on_event,
+            device=device, trust_new_host_key=options.trust_new_host_key,
+            clear_stale_lock=options.clear_stale_lock, detach=options.detach,
+            wheels_dir=options.wheels, with_report=options.report)
+    _conclude_remote(outcome, settings, options.as_json)
+
+
+def _resume_remote(run_id: str, settings: Settings, options: _RemoteOptions) -> None:
+    with _host_progress(disabled=options.as_json, show_log=options.log) as on_event:
+        outcome = workflow.resume_run(run_id, settings, on_event=on_event,
+                                      trust_new_host_key=options.trust_new_host_key,
+                                      with_report=options.report)
+    _conclude_remote(outcome, settings, options.as_json)
+
+
+def _conclude_remote(outcome: workflow.RemoteOutcome, settings: Settings,
+                     as_json: bool) -> None:
+    """Print what happened on each host, then exit with the family's code."""
+    for alias, fingerprint in outcome.recorded_keys.items():
+        err.print(f"recorded the host key of {alias}: {fingerprint}", markup=False)
+    if outcome.interrupted:
+        _offer_cancel(outcome, settings, as_json)
+    error = outcome.error()
+    _print_remote(outcome, as_json, error)
+    if error is not None:
+        if as_json:
+            raise typer.Exit(error.exit_code)
+        raise error
+    if outcome.gate_failures:
+        raise GateFailed(outcome.gate_failures)
+
+
+def _offer_cancel(outcome: workflow.RemoteOutcome, settings: Settings, as_json: bool) -> None:
+    running = outcome.running
+    if running and not as_json and _confirm(
+            f"\ninterrupted: cancel the job of run {outcome.run_id} on "
+            f"{', '.join(running)}? (no: it goes on there)"):
+        for alias, result in workflow.cancel_run(outcome.run_id, settings, running).items():
+            err.print(f"{alias}: {result}", markup=False)
+    elif running:
+        err.print(f"the job goes on on {', '.join(running)}; `sparsek-remote run --resume "
+                  f"{outcome.run_id}` re-attaches, `sparsek-remote fetch` collects",
+                  markup=False)
+    raise typer.Exit(130)
+
+
+def _confirm(question: str) -> bool:
+    try:
+        return typer.confirm(question, default=False, err=True)
+    except (typer.Abort, EOFError):
+        return False
+
+
+def _print_remote(outcome: workflow.RemoteOutcome, as_json: bool,
+                  error: SparsekRemoteError | None) -> None:
+    if as_json:
+        out.print_json(data=_remote_json(outcome, error))
+        return
+    for alias, host in outcome.hosts.items():
+        if host.results is not None and host.state == "stored":
+            out.print(_summary_table(host.results))
+        out.print(f"{alias}: {_host_line(host)}", markup=False)
+    if outcome.report is not None:
+        out.print(f"report: {outcome.report.markdown_path}", markup=False)
+    if outcome.report_error:
+        err.print(f"the report was not written: {outcome.report_error}", markup=False)
+    out.print(f"run {outcome.run_id}", markup=False)
+
+
+def _host_line(host: workflow.HostOutcome) -> str:
+    if host.state == "stored":
+        return f"stored {host.bundle_path}"
+    if host.state == "already_stored":
+        return f"already stored {host.bundle_path}"
+    if host.state == "running":
+        return host.detail or "running"
+    return f"failed: {host.error.message if host.error else 'unknown'}"
+
+
+def _remote_json(outcome: workflow.RemoteOutcome,
+                 error: SparsekRemoteError | None) -> dict[str, Any]:
+    hosts = {}
+    for alias, host in outcome.hosts.items():
+        hosts[alias] = {
+            "state": host.state, "bundle": str(host.bundle_path) if host.bundle_path else None,
+            "detail": host.detail, "gate_failures": list(host.gate_failures),
+            "error": host.error.message if host.error else None,
+            "results": (json.loads(host.results.model_dump_json())["results"]
+                        if host.results is not None else None)}
+    data: dict[str, Any] = {"run_id": outcome.run_id, "hosts": hosts,
+                            "recorded_host_keys": outcome.recorded_keys,
+                            "report": str(outcome.report.markdown_path)
+                            if outcome.report else None}
+    if error is not None:
+        data["error"] = {"type": type(error).__name__, "message": error.message,
+                         "hint": error.hint, "exit_code": error.exit_code}
+    return data
+
+
+@app.command()
+def fetch(
+    runs: Annotated[Optional[list[str]], typer.Argument(  # noqa: UP045
+        help="Run ids; none: every run started here with bundles still to fetch.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+    report: Annotated[bool, typer.Option(help="Write the report of runs fetched.")] = False,
+) -> None:
+    """Collect the bundles of jobs on hosts: verified, then stored in results/<run_id>/.
+
+    Resumable: bundles already stored are skipped, jobs still running are reported."""
+    with _handled(as_json):
+        outcomes = workflow.fetch_runs(_settings(), runs or None, with_report=report)
+        errors = [e for e in (o.error() for o in outcomes) if e is not None]
+        if as_json:
+            out.print_json(data={"runs": [_remote_json(o, o.error()) for o in outcomes]})
+        elif not outcomes:
+            out.print("nothing to fetch: no run started here has a bundle waiting on a host",
+                      markup=False)
+        for outcome in outcomes if not as_json else []:
+            for alias, host in outcome.hosts.items():
+                out.print(f"{outcome.run_id} {alias}: {_host_line(host)}", markup=False)
+        if errors:
+            if as_json:
+                raise typer.Exit(errors[0].exit_code if len(errors) == 1 else 5)
+            raise errors[0] if len(errors) == 1 else RemoteError(
+                "fetching failed for several runs:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+@app.command()
+def trust(
+    aliases: Annotated[list[str], typer.Argument(help="Host aliases from .env.")],
+    forget: Annotated[bool, typer.Option(help="Remove the recorded key instead.")] = False,
+    timeout: Annotated[float, typer.Option(help="Connect timeout in seconds.")] = 15.0,
+) -> None:
+    """Record a host's SSH key after you have compared its fingerprint (or forget it)."""
+    with _handled():
+        for alias, result in workflow.trust_hosts(_settings(), aliases, forget=forget,
+                                                   timeout_s=timeout).items():
+            out.print(f"{alias}: {result}", markup=False)
+
+
+@contextmanager
+def _host_progress(disabled: bool, show_log: bool
+                   ) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """One progress line per host, fed by events tagged with their host."""
+    progress = Progress(TextColumn("{task.fields[host]}"), TextColumn("{task.description}"),
+                        BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
+                        disable=disabled, transient=True)
+    tasks: dict[str, Any] = {}
+
+    def on_event(event: dict[str, Any]) -> None:
+        host = str(event.get("host", "?"))
+        if host not in tasks:
+            tasks[host] = progress.add_task("connecting", total=None, host=host)
+        kind = event.get("event")
+        if kind == "log":
+            if show_log and not disabled:
+                progress.console.print(f"{host}: {event.get('line', '')}", markup=False,
+                                       highlight=False)
+        elif kind == "host":
+            progress.update(tasks[host], description=str(event.get("state")))
+        else:
+            _show_event(progress, tasks[host], event)
+
+    with progress:
+        yield on_event
 
 
 @app.command()
@@ -171,17 +391,22 @@ def _progress(disabled: bool) -> Iterator[Callable[[dict[str, Any]], None]]:
     task = progress.add_task("starting the runner", total=None)
 
     def on_event(event: dict[str, Any]) -> None:
-        kind = event.get("event")
-        if kind == "start":
-            progress.update(task, total=int(event.get("total", 0)), description="running")
-        elif kind == "case_start":
-            progress.update(task, description=f"{event.get('case')} / "
-                            f"{event.get('implementation')}")
-        elif kind == "case_done":
-            progress.advance(task)
+        _show_event(progress, task, event)
 
     with progress:
         yield on_event
+
+
+def _show_event(progress: Progress, task: Any, event: dict[str, Any]) -> None:
+    """Move one progress line along with the runner's events (local or on a host)."""
+    kind = event.get("event")
+    if kind == "start":
+        progress.update(task, total=int(event.get("total", 0)), description="running")
+    elif kind == "case_start":
+        progress.update(task, description=f"{event.get('case')} / "
+                        f"{event.get('implementation')}")
+    elif kind == "case_done":
+        progress.advance(task)
 
 
 def _print_outcome(outcome: workflow.RunOutcome, as_json: bool) -> None:

@@ -1,6 +1,20 @@
 """The flows the command line drives, one module each, composing the layers below:
-``local`` (a job on this machine). Only the command line imports this package."""
+``local`` (a job on this machine), ``remote_run`` (a job on hosts: run, resume,
+fetch, cancel, trust). Only the command line imports this package."""
 
 from sparsek_remote.workflow.local import RunOutcome, git_state, make_report, resolve_targets, run_job
+from sparsek_remote.workflow.remote_run import (
+    DockerRunner,
+    HostOutcome,
+    RemoteOutcome,
+    build_wheels,
+    cancel_run,
+    fetch_runs,
+    resume_run,
+    run_on_hosts,
+    trust_hosts,
+)
 
-__all__ = ["RunOutcome", "git_state", "make_report", "resolve_targets", "run_job"]
+__all__ = ["DockerRunner", "HostOutcome", "RemoteOutcome", "RunOutcome", "build_wheels",
+           "cancel_run", "fetch_runs", "git_state", "make_report", "resolve_targets",
+           "resume_run", "run_job", "run_on_hosts", "trust_hosts"]
