@@ -14,6 +14,7 @@ from sparsek_remote.images.context import (
     BuildContext,
     BuildOptions,
     collect_context,
+    write_context_tar,
 )
 from sparsek_remote.images.layers import (
     CODECS,
@@ -53,4 +54,5 @@ __all__ = [
     "image_id_argv",
     "image_info",
     "parse_host_query",
+    "write_context_tar",
 ]

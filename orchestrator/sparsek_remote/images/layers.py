@@ -198,8 +198,13 @@ class _SavedArchive:
         self._tar = tarfile.open(fileobj=ChunkReader(self._chunks), mode="r|", bufsize=_CHUNK)
         return self._tar
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
         self._tar.close()
+        if kind is None:
+            # Read the response to its end (a few padding blocks): the daemon keeps its
+            # hold on the image's layers until the save's response is complete.
+            for _chunk in self._chunks:
+                pass
         close = getattr(self._chunks, "close", None)
         if close:
             close()
