@@ -1,0 +1,222 @@
+"""Fused SparseK forward in Triton: the launcher and the public function.
+
+One call runs four steps, all on the device: a stable descending sort of u per
+(batch, kv head); the selection kernels (per block of queries: the list of the base's K
+best positions; per query: threshold, cut rank and list count); and the attention
+kernel, which reads each block's list and dense range once for the whole GQA group.
+Extra memory is the sort, its inverse and the per-query selection, all O(B * Hkv * S),
+plus the block lists: (S / BM) * K int32 indices per (batch, kv head).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from sparsek._checks import check_attention_inputs, check_out, check_triton_head_dim
+from sparsek.triton_attn import sparsek_attn_fwd_kernel
+from sparsek.triton_select import (
+    sparsek_block_causal_fwd_kernel,
+    sparsek_block_noncausal_fwd_kernel,
+    sparsek_boundary_fwd_kernel,
+)
+
+LOG2E = 1.4426950408889634
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Newton steps per threshold before the solver keeps its last point; a bracketed solve
+# on real data takes a handful, and the cap only bounds adversarial inputs.
+MAX_NEWTON = 100
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    """Tile sizes of one launch.
+
+    block_m: queries per block (selection and attention); a power of two >= 16.
+    heads: query heads of one GQA group per attention program (rows = heads * block_m).
+    block_n: keys per attention step. chunk: ranks per selection scan step.
+    """
+
+    block_m: int
+    heads: int
+    block_n: int
+    chunk: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Per (batch, kv head): lists [BH, NBG, K'] (K' = max(K, 1)), inverse sort rank
+    [BH, S], and per query tau (float32), rk and cnt (int32) [BH, S]."""
+
+    lists: torch.Tensor
+    rank: torch.Tensor
+    tau: torch.Tensor
+    rk: torch.Tensor
+    cnt: torch.Tensor
+
+
+def default_config(q: torch.Tensor, group: int) -> ForwardConfig:
+    """Tiles for q [B, Hq, S, D]: 128 rows for D = 128 (64 for D = 64) on a GPU; small
+    tiles in the interpreter so tiny shapes still span several blocks and chunks."""
+    seq_len, dim = q.shape[2], q.shape[3]
+    heads = 1 if group == 1 else 2
+    if not q.is_cuda:
+        return ForwardConfig(block_m=16, heads=heads, block_n=16, chunk=16,
+                             num_warps=4, num_stages=1)
+    rows = 128 if dim > 64 else 64
+    block_m = max(16, min(rows // heads, triton.next_power_of_2(seq_len)))
+    warps = 8 if heads * block_m >= 128 else 4
+    return ForwardConfig(block_m=block_m, heads=heads, block_n=64, chunk=256,
+                         num_warps=warps, num_stages=2)
+
+
+def _sort(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scores [BH, S] -> (z desc, positions int32, rank int32); ties keep the smaller
+    position first, which is the contract's tie order."""
+    z, order = torch.sort(scores, dim=1, descending=True, stable=True)
+    bh, seq_len = scores.shape
+    ranks = torch.arange(seq_len, dtype=torch.int32, device=scores.device).expand(bh, seq_len)
+    rank = torch.empty((bh, seq_len), dtype=torch.int32, device=scores.device)
+    rank.scatter_(1, order, ranks.contiguous())
+    return z.contiguous(), order.to(torch.int32), rank
+
+
+def _select_causal(scores, z, sp, rank, budget, window, cfg) -> Selection:
+    bh, seq_len = scores.shape
+    nblk = triton.cdiv(seq_len, cfg.block_m)
+    nbnd = nblk + 1  # boundary nblk is the upper bracket of the last block only
+    dev = scores.device
+    lists = torch.empty((bh, nbnd, budget), dtype=torch.int32, device=dev)
+    bf = torch.empty((bh, nbnd, 2), dtype=torch.float32, device=dev)
+    bi = torch.empty((bh, nbnd, 4), dtype=torch.int32, device=dev)
+    sparsek_boundary_fwd_kernel[(nbnd, bh)](
+        z, sp, lists, bf, bi, seq_len, nbnd, budget, window, MAX_NEWTON,
+        BM=cfg.block_m, CH=cfg.chunk, num_warps=4)
+    tau, rk, cnt = _per_query(scores)
+    sparsek_block_causal_fwd_kernel[(nblk, bh)](
+        z, sp, rank, scores, lists, bf, bi, tau, rk, cnt, seq_len, nbnd, budget, window,
+        MAX_NEWTON, BM=cfg.block_m, CHX=64, LOGK=budget.bit_length(),
+        num_warps=_tile_warps(cfg.block_m * cfg.block_m))
+    return Selection(lists, rank, tau, rk, cnt)
+
+
+def _select_noncausal(scores, z, sp, rank, budget, window, cfg) -> Selection:
+    bh, seq_len = scores.shape
+    nblk = triton.cdiv(seq_len, cfg.block_m)
+    dev = scores.device
+    lists = torch.empty((bh, nblk, budget), dtype=torch.int32, device=dev)
+    zpre = torch.zeros((bh, seq_len + 1), dtype=torch.float64, device=dev)
+    torch.cumsum(z.double(), dim=1, out=zpre[:, 1:])
+    tau, rk, cnt = _per_query(scores)
+    sparsek_block_noncausal_fwd_kernel[(nblk, bh)](
+        z, sp, rank, zpre, scores, lists, tau, rk, cnt, seq_len, nblk, budget, window,
+        MAX_NEWTON, seq_len.bit_length(), BM=cfg.block_m,
+        NW=max(16, triton.next_power_of_2(2 * window - 1)),
+        NR=max(16, triton.next_power_of_2(cfg.block_m + 2 * window - 2)),
+        CH=cfg.chunk, num_warps=_tile_warps(cfg.block_m * max(64, 2 * window)))
+    return Selection(lists, rank, tau, rk, cnt)
+
+
+def _tile_warps(elements: int) -> int:
+    """Warps for a selection kernel whose largest tiles hold ``elements`` values: about
+    16 per thread, so the [BM, BM] tiles stay in registers."""
+    return max(4, min(16, elements // 512))
+
+
+def _per_query(scores: torch.Tensor):
+    shape, dev = scores.shape, scores.device
+    return (torch.empty(shape, dtype=torch.float32, device=dev),
+            torch.empty(shape, dtype=torch.int32, device=dev),
+            torch.empty(shape, dtype=torch.int32, device=dev))
+
+
+def select(u: torch.Tensor, kv_budget: int, window: int, causal: bool,
+           cfg: ForwardConfig) -> Selection:
+    """The selection for scores u [B, Hkv, S] with blocks of cfg.block_m queries."""
+    seq_len = u.shape[-1]
+    scores = u.reshape(-1, seq_len).to(torch.float32).contiguous()
+    z, sp, rank = _sort(scores)
+    budget = min(kv_budget, seq_len)
+    if budget == 0:
+        # Nothing is ever selected: an empty list, and a cut no rank passes.
+        bh, dev = scores.shape[0], scores.device
+        lists = torch.zeros((bh, 1, 1), dtype=torch.int32, device=dev)
+        return Selection(lists, rank, torch.zeros_like(scores),
+                         torch.full_like(rank, -1), torch.zeros_like(rank))
+    pick = _select_causal if causal else _select_noncausal
+    return pick(scores, z, sp, rank, budget, window, cfg)
+
+
+def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.Tensor,
+                   kv_budget: int, window: int, causal: bool, scale: float,
+                   o: torch.Tensor, lse: torch.Tensor,
+                   config: ForwardConfig | None = None) -> None:
+    """Write o [B, Hq, S, D] and lse [B, Hq, S] (float32) for already-validated inputs."""
+    batch, q_heads, seq_len, dim = q.shape
+    kv_heads = k.shape[1]
+    group = q_heads // kv_heads
+    cfg = config or default_config(q, group)
+    heads = math.gcd(cfg.heads, group)
+    sel = select(u, kv_budget, window, causal, cfg)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    o_dst = o if o.is_contiguous() else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse_dst = lse if lse.is_contiguous() else torch.empty(lse.shape, dtype=lse.dtype,
+                                                          device=lse.device)
+    scores = u.reshape(-1, seq_len).to(torch.float32).contiguous()
+    grid = (triton.cdiv(seq_len, cfg.block_m), batch * kv_heads, group // heads)
+    sparsek_attn_fwd_kernel[grid](
+        q, k, v, scores, sel.rank, sel.lists, sel.tau, sel.rk, sel.cnt, o_dst, lse_dst,
+        seq_len, q_heads, kv_heads, sel.lists.shape[1], sel.lists.shape[2], window,
+        scale * LOG2E, CAUSAL=causal, BM=cfg.block_m, HG=heads, BN=cfg.block_n, D=dim,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if o_dst is not o:
+        o.copy_(o_dst)
+    if lse_dst is not lse:
+        lse.copy_(lse_dst)
+
+
+def _check(q, k, v, u, kv_budget, window, causal, scale) -> float:
+    scale = check_attention_inputs(q, k, v, u, kv_budget=kv_budget, window=window,
+                                   causal=causal, scale=scale, check_finite=False)
+    check_triton_head_dim(q.shape[-1])
+    if q.dtype not in DTYPES:
+        raise ValueError(f"q must be float16, bfloat16 or float32 for impl='triton'; got "
+                         f"{q.dtype}. impl='reference' accepts float64.")
+    return scale
+
+
+def sparsek_attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.Tensor, *,
+    kv_budget: int, window: int, causal: bool, scale: float | None = None,
+    out: torch.Tensor | None = None, lse_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseK attention through the fused kernels (registered as ``sparsek::attention_fwd``).
+
+    Args:
+        q: fp16, bf16 or fp32 [B, Hq, S, D], D in {64, 128}; k, v: [B, Hkv, S, D].
+        u: float32 [B, Hkv, S] scores (float64 is read as float32).
+        kv_budget, window, causal, scale: as in ``sparsek.sparsek_attention``.
+        out: optional [B, Hq, S, D] buffer for o; lse_out: optional float32 [B, Hq, S].
+
+    Returns:
+        (o [B, Hq, S, D] in q's dtype, lse [B, Hq, S] float32); o is ``out`` when given.
+    """
+    from sparsek import op  # registers the custom ops
+
+    scale = _check(q, k, v, u, kv_budget, window, causal, scale)
+    if out is None and lse_out is None:
+        return op.attention_fwd(q, k, v, u, kv_budget, window, causal, scale)
+    o = out if out is not None else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out is not None:
+        check_out(out, q)
+    lse = lse_out if lse_out is not None else torch.empty(q.shape[:3], dtype=torch.float32,
+                                                           device=q.device)
+    op.attention_fwd_out(q, k, v, u, o, lse, kv_budget, window, causal, scale)
+    return o, lse

@@ -1,0 +1,492 @@
+"""Selection kernels of the Triton SparseK forward: thresholds, cut ranks and gathered lists.
+
+Queries are taken in blocks of BM consecutive positions. For a block starting at i0 the
+*base* is the part of every block query's candidate set that they all share:
+causal ``[0, i0 - W]``, non-causal every position outside the block's dense range. Each
+query's candidates are the base plus at most BM - 1 *extras* from the dense range, so its
+selected set lies in ``G_b`` (the top-K of the base) plus the dense range. Per block the
+kernels write ``G_b`` (positions, best first); per query they write
+
+- ``tau``: the threshold (``-inf`` where every candidate is kept),
+- ``rk``: the global rank of the K-th best candidate, so key j is selected iff
+  ``rank[j] <= rk`` (global ranks order scores descending, ties by smaller position),
+- ``cnt``: how many leading entries of ``G_b`` the query selects.
+
+Everything works on one stable descending sort of u per (batch, kv head): ``z`` the sorted
+scores, ``sp`` their positions, ``rank`` the inverse permutation.
+
+The threshold solves ``f(t) = sum_{j in C} clip(u_j - t, 0, 1) = K``, a non-increasing
+piecewise-linear function. Every solver here is a safeguarded Newton iteration that
+evaluates f exactly from counts (``#{u >= t + 1}``, ``#{t < u < t + 1}``) and the sum over
+the middle set; when two successive points share those counts, the second is the closed-form
+root of that linear piece, exact up to float32 rounding of t.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _newton_step(t, f, nmid, lo, hi, K):
+    """One safeguarded step from t (f = f(t), nmid = -slope there) -> (next t, lo, hi, newton).
+
+    The bracket [lo, hi] keeps f(lo) >= K >= f(hi); a Newton point outside it, or a flat
+    piece, falls back to bisection. ``newton`` says the step was a Newton step, which makes
+    the next point the exact root if it lands on the same piece.
+    """
+    lo = tl.where(f > K, t, lo)
+    hi = tl.where(f < K, t, hi)
+    tn = (t.to(tl.float64) + (f - K) / tl.maximum(nmid, 1).to(tl.float64)).to(tl.float32)
+    newton = (nmid > 0) & (tn > lo) & (tn < hi)
+    mid = lo + (hi - lo) * 0.5
+    return tl.where(newton, tn, mid), lo, hi, newton
+
+
+@triton.jit
+def _move_cursor(z_ptr, sp_ptr, row, c, cnt, acc, t, P, S, STRICT: tl.constexpr,
+                 CH: tl.constexpr):
+    """Move cursor c so that ranks < c are exactly those with z > t (STRICT) or z >= t,
+    keeping the count and float64 sum of base members (position <= P) among them."""
+    o_ch = tl.arange(0, CH)
+    go = c >= 0
+    while go:  # forward: take ranks that now satisfy the condition
+        o = c + o_ch
+        m_in = o < S
+        b_z = tl.load(z_ptr + row + o, mask=m_in, other=float("-inf"))
+        b_p = tl.load(sp_ptr + row + o, mask=m_in, other=0)
+        if STRICT:
+            m_take = m_in & (b_z > t)
+        else:
+            m_take = m_in & (b_z >= t)
+        m_base = m_take & (b_p <= P)
+        cnt += tl.sum(m_base.to(tl.int32), axis=0)
+        acc += tl.sum(tl.where(m_base, b_z, 0.0).to(tl.float64), axis=0)
+        n_take = tl.sum(m_take.to(tl.int32), axis=0)
+        c += n_take
+        go = n_take == CH
+    go = c > 0
+    while go:  # backward: drop ranks that no longer satisfy it
+        o = c - CH + o_ch
+        m_in = o >= 0
+        b_z = tl.load(z_ptr + row + o, mask=m_in, other=float("inf"))
+        b_p = tl.load(sp_ptr + row + o, mask=m_in, other=0)
+        if STRICT:
+            m_drop = m_in & (b_z <= t)
+        else:
+            m_drop = m_in & (b_z < t)
+        m_base = m_drop & (b_p <= P)
+        cnt -= tl.sum(m_base.to(tl.int32), axis=0)
+        acc -= tl.sum(tl.where(m_base, b_z, 0.0).to(tl.float64), axis=0)
+        n_drop = tl.sum(m_drop.to(tl.int32), axis=0)
+        c -= n_drop
+        go = (n_drop == CH) & (c > 0)
+    return c, cnt, acc
+
+
+@triton.jit
+def sparsek_boundary_fwd_kernel(
+    z_ptr, sp_ptr, g_ptr, bf_ptr, bi_ptr,
+    S, NBND, K, W, MAXIT,
+    BM: tl.constexpr, CH: tl.constexpr,
+):
+    """Causal block boundaries: top-K list and exact threshold of each prefix base.
+
+    Boundary b has base ``[0, P]`` with ``P = min(b * BM - W, S - 1)``. Writes
+    g [BH, NBND, K] (positions, best first), bf [BH, NBND, 2] (tau, D) and
+    bi [BH, NBND, 4] (a, n, c1, c2): at tau, a = #{base: z >= tau + 1},
+    n = #{base: tau < z < tau + 1}, D = sum over that middle set of (z - tau),
+    c1 = #{all: z > tau} and c2 = #{all: z >= tau + 1} (cursors into the sort).
+    tau = -inf where the base has at most K members.
+    """
+    i_b = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    row = i_bh.to(tl.int64) * S
+    P = tl.minimum(i_b * BM - W, S - 1)
+    n_base = tl.maximum(P + 1, 0)
+    n_g = tl.minimum(n_base, K)
+    p_g = g_ptr + (i_bh.to(tl.int64) * NBND + i_b) * K
+    o_ch = tl.arange(0, CH)
+    # Walk the sort from the top, compacting base members into the list.
+    cnt = n_g * 0
+    r0 = n_g * 0
+    z_k = tl.sum(tl.zeros([CH], tl.float32), axis=0)
+    while cnt < n_g:
+        o = r0 + o_ch
+        m_in = o < S
+        b_z = tl.load(z_ptr + row + o, mask=m_in, other=float("-inf"))
+        b_p = tl.load(sp_ptr + row + o, mask=m_in, other=S)
+        m_base = m_in & (b_p <= P)
+        idx = cnt + tl.cumsum(m_base.to(tl.int32), axis=0) - 1
+        tl.store(p_g + idx, b_p, mask=m_base & (idx < n_g))
+        z_k += tl.sum(tl.where(m_base & (idx == n_g - 1), b_z, 0.0), axis=0)
+        cnt += tl.sum(m_base.to(tl.int32), axis=0)
+        r0 += CH
+    tau = float("-inf") + z_k * 0
+    d_mid = z_k * 0
+    a = cnt * 0
+    n = cnt * 0
+    c1 = cnt * 0
+    c2 = cnt * 0
+    if n_base > K:
+        tau, d_mid, a, n, c1, c2 = _boundary_threshold(z_ptr, sp_ptr, row, z_k, P, S, K,
+                                                       MAXIT, CH)
+    p_f = bf_ptr + (i_bh.to(tl.int64) * NBND + i_b) * 2
+    p_i = bi_ptr + (i_bh.to(tl.int64) * NBND + i_b) * 4
+    tl.store(p_f, tau)
+    tl.store(p_f + 1, d_mid)
+    tl.store(p_i, a)
+    tl.store(p_i + 1, n)
+    tl.store(p_i + 2, c1)
+    tl.store(p_i + 3, c2)
+
+
+@triton.jit
+def _boundary_threshold(z_ptr, sp_ptr, row, z_k, P, S, K, MAXIT, CH: tl.constexpr):
+    """Exact tau of the base [0, P] (more than K members, K-th best score z_k)."""
+    t = z_k
+    lo = z_k - 1.0
+    hi = z_k
+    zero = (P * 0).to(tl.int32)
+    c1, n1, s1 = zero, zero, zero.to(tl.float64)
+    c2, n2, s2 = zero, zero, zero.to(tl.float64)
+    prev_a, prev_n = zero - 1, zero - 1
+    newton = zero != 0
+    it = zero
+    go = zero == 0
+    d_mid = z_k * 0
+    while go:
+        c1, n1, s1 = _move_cursor(z_ptr, sp_ptr, row, c1, n1, s1, t, P, S, True, CH)
+        c2, n2, s2 = _move_cursor(z_ptr, sp_ptr, row, c2, n2, s2, t + 1.0, P, S, False, CH)
+        n = n1 - n2
+        d = (s1 - s2) - n.to(tl.float64) * t.to(tl.float64)
+        f = n2.to(tl.float64) + d
+        d_mid = d.to(tl.float32)
+        done = (newton & (n2 == prev_a) & (n == prev_n)) | (f == K) | (it >= MAXIT)
+        t_next, lo, hi, newton = _newton_step(t, f, n, lo, hi, K)
+        # Bisection that cannot move any more means lo and hi are adjacent floats.
+        done = done | ((t_next <= lo) | (t_next >= hi))
+        prev_a, prev_n = n2, n
+        t = tl.where(done, t, t_next)
+        it += 1
+        go = done == 0
+    return t, d_mid, prev_a, prev_n, c1, c2
+
+
+@triton.jit
+def _count_less(g_ptr, rank_ptr, row, n_g, r_e, LOGK: tl.constexpr, BM: tl.constexpr):
+    """#{m < n_g : rank[g[m]] < r_e} for each r_e [BM], by binary search of the sorted list."""
+    lo = tl.zeros([BM], tl.int32)
+    hi = lo + n_g
+    for _ in tl.static_range(LOGK):
+        m_act = lo < hi
+        mid = (lo + hi) // 2
+        pos = tl.load(g_ptr + mid, mask=m_act, other=0)
+        r_m = tl.load(rank_ptr + row + pos, mask=m_act, other=0)
+        right = m_act & (r_m < r_e)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(m_act & (r_m >= r_e), mid, hi)
+    return lo
+
+
+@triton.jit
+def _cut_from_extras(g_ptr, rank_ptr, row, n_g, K, m_e, r_e, LOGK: tl.constexpr,
+                     BM: tl.constexpr):
+    """Each query's cut given the list and its extras m_e [BM, BM] (ranks r_e [BM]).
+
+    An extra's rank in the union is 1 + (list entries above it) + (own extras above it);
+    the K best of the union are the first ``cnt`` list entries plus the extras whose union
+    rank is <= K. Returns (cnt [BM], rk [BM]: the largest selected global rank).
+    """
+    above_g = _count_less(g_ptr, rank_ptr, row, n_g, r_e, LOGK, BM)
+    gt = (r_e[:, None] < r_e[None, :]).to(tl.float16)  # [BM e', BM e]: e' beats e
+    above_e = tl.dot(m_e.to(tl.float16), gt, out_dtype=tl.float32).to(tl.int32)
+    sel = m_e & (above_g[None, :] + above_e + 1 <= K)
+    cnt = K - tl.sum(sel.to(tl.int32), axis=1)
+    rk_e = tl.max(tl.where(sel, r_e[None, :], -1), axis=1)
+    # Only queries with more than K candidates have cnt <= n_g; the others are overwritten.
+    has_g = (cnt >= 1) & (cnt <= n_g)
+    pos = tl.load(g_ptr + tl.maximum(cnt - 1, 0), mask=has_g, other=0)
+    rk_g = tl.load(rank_ptr + row + pos, mask=has_g, other=-1)
+    return cnt, tl.maximum(rk_e, tl.where(has_g, rk_g, -1))
+
+
+@triton.jit
+def _mid_terms(b_z, t, t1):
+    """Per row of t [BM]: (#{z >= t1}, #{t < z < t1}, sum (z - t) over the latter) over the
+    scores b_z [BM, N] or [1, N]; absent entries hold -inf, which never counts."""
+    m_sat = b_z >= t1[:, None]
+    m_mid = (b_z > t[:, None]) & (b_z < t1[:, None])
+    return (tl.sum(m_sat.to(tl.int32), axis=1), tl.sum(m_mid.to(tl.int32), axis=1),
+            tl.sum(tl.where(m_mid, b_z - t[:, None], 0.0), axis=1))
+
+
+@triton.jit
+def _range_terms(z_ptr, sp_ptr, row, r_lo, r_hi, P, t, t1, BM: tl.constexpr,
+                 CHX: tl.constexpr):
+    """Middle-set terms of base members (position <= P) in sorted ranks [r_lo, r_hi)."""
+    sat = tl.zeros([BM], tl.int32)
+    mid = tl.zeros([BM], tl.int32)
+    dsum = tl.zeros([BM], tl.float32)
+    for r0 in range(r_lo, r_hi, CHX):
+        o = r0 + tl.arange(0, CHX)
+        m = o < r_hi
+        b_z = tl.load(z_ptr + row + o, mask=m, other=float("-inf"))
+        b_p = tl.load(sp_ptr + row + o, mask=m, other=0)
+        b_z = tl.where(b_p <= P, b_z, float("-inf"))
+        s_, n_, d_ = _mid_terms(b_z[None, :], t, t1)
+        sat += s_
+        mid += n_
+        dsum += d_
+    return sat, mid, dsum
+
+
+@triton.jit
+def _list_terms(g_ptr, u_ptr, row, n_g, t, t1, BM: tl.constexpr, CHX: tl.constexpr):
+    """Middle-set terms of the first n_g entries of a gathered list."""
+    sat = tl.zeros([BM], tl.int32)
+    mid = tl.zeros([BM], tl.int32)
+    dsum = tl.zeros([BM], tl.float32)
+    for r0 in range(0, n_g, CHX):
+        o = r0 + tl.arange(0, CHX)
+        m = o < n_g
+        pos = tl.load(g_ptr + o, mask=m, other=0)
+        b_z = tl.load(u_ptr + row + pos, mask=m, other=float("-inf"))
+        s_, n_, d_ = _mid_terms(b_z[None, :], t, t1)
+        sat += s_
+        mid += n_
+        dsum += d_
+    return sat, mid, dsum
+
+
+@triton.jit
+def sparsek_block_causal_fwd_kernel(
+    z_ptr, sp_ptr, rank_ptr, u_ptr, g_ptr, bf_ptr, bi_ptr, tau_ptr, rk_ptr, cnt_ptr,
+    S, NBND, K, W, MAXIT,
+    BM: tl.constexpr, CHX: tl.constexpr, LOGK: tl.constexpr,
+):
+    """Causal per-query selection of one block: tau, rk and cnt [BH, S].
+
+    Query i's candidates are the base ``[0, P]`` (P = i0 - W) plus the extras
+    ``(P, i - W]``. tau_i lies between the thresholds of boundaries b and b + 1, so only
+    base members whose clip term can change inside that bracket (scores in
+    ``(tau_b, tau_b1]`` or ``[tau_b + 1, tau_b1 + 1)``) are visited; the others enter as the
+    boundary's counts.
+    """
+    i_blk = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    row = i_bh.to(tl.int64) * S
+    i0 = i_blk * BM
+    o_q = tl.arange(0, BM)
+    q_pos = i0 + o_q
+    m_q = q_pos < S
+    P = i0 - W
+    n_base = tl.maximum(P + 1, 0)
+    n_g = tl.minimum(n_base, K)
+    n_c = tl.minimum(tl.maximum(q_pos - W + 1, 0), S)
+    p_g = g_ptr + (i_bh.to(tl.int64) * NBND + i_blk) * K
+    e_pos = P + 1 + o_q
+    m_eok = (e_pos >= 0) & (e_pos < S)
+    r_e = tl.load(rank_ptr + row + e_pos, mask=m_eok, other=S + 1)
+    u_e = tl.load(u_ptr + row + e_pos, mask=m_eok, other=0.0)
+    m_e = m_q[:, None] & m_eok[None, :] & (e_pos[None, :] <= q_pos[:, None] - W)
+    big = m_q & (n_c > K)
+    cnt, rk = _cut_from_extras(p_g, rank_ptr, row, n_g, K, m_e & big[:, None], r_e, LOGK, BM)
+    z_cut = tl.load(z_ptr + row + rk, mask=big, other=0.0)
+    tau = tl.where(big, z_cut, float("-inf"))
+    if tl.max(big.to(tl.int32), axis=0) > 0:
+        u_qe = tl.where(m_e, u_e[None, :], float("-inf"))  # [BM, BM] each query's extras
+        tau = _block_causal_threshold(z_ptr, sp_ptr, u_ptr, p_g, bf_ptr, bi_ptr, row, i_bh,
+                                      i_blk, NBND, P, n_base, n_g, K, MAXIT, big, z_cut,
+                                      u_qe, BM, CHX)
+    cnt = tl.where(big, cnt, n_g)
+    rk = tl.where(big, rk, S)
+    tl.store(tau_ptr + row + q_pos, tau, mask=m_q)
+    tl.store(rk_ptr + row + q_pos, rk, mask=m_q)
+    tl.store(cnt_ptr + row + q_pos, cnt, mask=m_q)
+
+
+@triton.jit
+def _block_causal_threshold(z_ptr, sp_ptr, u_ptr, p_g, bf_ptr, bi_ptr, row, i_bh, i_blk,
+                            NBND, P, n_base, n_g, K, MAXIT, big, z_cut, u_qe,
+                            BM: tl.constexpr, CHX: tl.constexpr):
+    """Per-query Newton for the queries marked ``big`` (more than K candidates)."""
+    p_f = bf_ptr + (i_bh.to(tl.int64) * NBND + i_blk) * 2
+    p_i = bi_ptr + (i_bh.to(tl.int64) * NBND + i_blk) * 4
+    small = n_base <= K
+    t_ref = tl.load(p_f)
+    t_up = tl.load(p_f + 2)
+    c1_up = tl.load(p_i + 4 + 2)
+    c2_up = tl.load(p_i + 4 + 3)
+    c1_ref = tl.load(p_i + 2)
+    c2_ref = tl.load(p_i + 3)
+    # Reference counts at t_ref, less the members visited explicitly below.
+    t_ref = tl.where(small, 0.0, t_ref)
+    ref1 = t_ref + 1.0
+    tr = tl.zeros([BM], tl.float32) + t_ref
+    x_sat, x_mid, x_d = _range_terms(z_ptr, sp_ptr, row, c2_up, tl.minimum(c2_ref, c1_up), P,
+                                     tr, tr + 1.0, BM, CHX)
+    s2_, m2_, d2_ = _range_terms(z_ptr, sp_ptr, row, c1_up, c1_ref, P, tr, tr + 1.0, BM, CHX)
+    sat0 = tl.load(p_i) - tl.max(x_sat + s2_, axis=0)
+    lin = tl.load(p_i + 1) - tl.max(x_mid + m2_, axis=0)
+    lin_d = tl.load(p_f + 1) - tl.max(x_d + d2_, axis=0)
+    sat0 = tl.where(small, 0, sat0)
+    lin = tl.where(small, 0, lin)
+    lin_d = tl.where(small, 0.0, lin_d)
+    lo = z_cut - 1.0
+    hi = z_cut
+    lo = tl.where(small, lo, tl.maximum(lo, t_ref))
+    hi = tl.minimum(hi, t_up)
+    t = hi
+    prev_s = tl.zeros([BM], tl.int32) - 1
+    prev_n = prev_s
+    newton = prev_s > 0
+    active = big
+    it = MAXIT * 0
+    while tl.max(active.to(tl.int32), axis=0) > 0:
+        t1 = t + 1.0
+        if small:
+            s_x, n_x, d_x = _list_terms(p_g, u_ptr, row, n_g, t, t1, BM, CHX)
+        else:
+            s_a, n_a, d_a = _range_terms(z_ptr, sp_ptr, row, c2_up, tl.minimum(c2_ref, c1_up),
+                                         P, t, t1, BM, CHX)
+            s_b, n_b, d_b = _range_terms(z_ptr, sp_ptr, row, c1_up, c1_ref, P, t, t1, BM, CHX)
+            s_x, n_x, d_x = s_a + s_b, n_a + n_b, d_a + d_b
+        s_e, n_e, d_e = _mid_terms(u_qe, t, t1)
+        s_all = sat0 + s_x + s_e
+        n_all = lin + n_x + n_e
+        f = (s_all.to(tl.float64) + lin_d.to(tl.float64)
+             - lin.to(tl.float64) * (t - t_ref).to(tl.float64) + (d_x + d_e).to(tl.float64))
+        done = (newton & (s_all == prev_s) & (n_all == prev_n)) | (f == K) | (it >= MAXIT)
+        t_next, lo, hi, newton = _newton_step(t, f, n_all, lo, hi, K)
+        done = done | (t_next <= lo) | (t_next >= hi)
+        prev_s, prev_n = s_all, n_all
+        active = active & (done == 0)
+        t = tl.where(active, t_next, t)
+        it += 1
+    return tl.where(big, t, float("-inf"))
+
+
+@triton.jit
+def sparsek_block_noncausal_fwd_kernel(
+    z_ptr, sp_ptr, rank_ptr, zpre_ptr, u_ptr, g_ptr, tau_ptr, rk_ptr, cnt_ptr,
+    S, NBLK, K, W, MAXIT, LOGS,
+    BM: tl.constexpr, NW: tl.constexpr, NR: tl.constexpr, CH: tl.constexpr,
+):
+    """Non-causal selection of one block: list g [BH, NBLK, K], tau, rk and cnt [BH, S].
+
+    Query i's candidates are every position outside its window ``(i - W, i + W)``, so its
+    threshold equation is the all-positions sum (from the sort's prefix sums) minus at
+    most 2W - 1 window terms. The block's base is everything outside the union of its
+    windows, ``[i0 - W + 1, i0 + BM + W - 2]``.
+    """
+    i_blk = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    row = i_bh.to(tl.int64) * S
+    i0 = i_blk * BM
+    q_pos = i0 + tl.arange(0, BM)
+    m_q = q_pos < S
+    has_w = W > 0
+    r_lo = tl.where(has_w, tl.maximum(i0 - W + 1, 0), 0)
+    r_hi = tl.where(has_w, tl.minimum(i0 + BM + W - 2, S - 1), -1)
+    n_g = tl.minimum(S - (r_hi - r_lo + 1), K)
+    p_g = g_ptr + (i_bh.to(tl.int64) * NBLK + i_blk) * K
+    _walk_outside(z_ptr, sp_ptr, p_g, row, r_lo, r_hi, n_g, S, CH)
+    w_lo = tl.maximum(q_pos - W + 1, 0)
+    w_hi = tl.minimum(q_pos + W - 1, S - 1)
+    n_c = S - tl.maximum(w_hi - w_lo + 1, 0)
+    big = m_q & (n_c > K)
+    # Window members of each query, as a [BM, NW] tile of positions.
+    w_pos = q_pos[:, None] - W + 1 + tl.arange(0, NW)[None, :]
+    m_w = big[:, None] & (w_pos >= w_lo[:, None]) & (w_pos <= w_hi[:, None])
+    r_w = tl.load(rank_ptr + row + w_pos, mask=m_w, other=S + 1)
+    # The cut: smallest r with r + 1 - #{window ranks <= r} = K.
+    rk = tl.zeros([BM], tl.int32) + K - 1
+    go = tl.max(big.to(tl.int32), axis=0) > 0
+    while go:
+        r_new = K - 1 + tl.sum((r_w <= rk[:, None]).to(tl.int32), axis=1)
+        go = tl.max((r_new != rk).to(tl.int32), axis=0) > 0
+        rk = r_new
+    rk = tl.minimum(rk, S - 1)
+    o_r = r_lo + tl.arange(0, NR)
+    r_in = tl.load(rank_ptr + row + o_r, mask=o_r <= r_hi, other=S + 1)
+    cnt = rk + 1 - tl.sum((r_in[None, :] <= rk[:, None]).to(tl.int32), axis=1)
+    z_cut = tl.load(z_ptr + row + rk, mask=big, other=0.0)
+    u_w = tl.load(u_ptr + row + w_pos, mask=m_w, other=float("-inf"))
+    row1 = i_bh.to(tl.int64) * (S + 1)
+    tau = _noncausal_threshold(z_ptr, zpre_ptr, row, row1, S, K, MAXIT, LOGS, big, z_cut,
+                               u_w, BM)
+    cnt = tl.where(big, cnt, n_g)
+    rk = tl.where(big, rk, S)
+    tl.store(tau_ptr + row + q_pos, tau, mask=m_q)
+    tl.store(rk_ptr + row + q_pos, rk, mask=m_q)
+    tl.store(cnt_ptr + row + q_pos, cnt, mask=m_q)
+
+
+@triton.jit
+def _walk_outside(z_ptr, sp_ptr, p_g, row, r_lo, r_hi, n_g, S, CH: tl.constexpr):
+    """Write the first n_g positions of the sort that lie outside [r_lo, r_hi]."""
+    cnt = n_g * 0
+    r0 = n_g * 0
+    while cnt < n_g:
+        o = r0 + tl.arange(0, CH)
+        m_in = o < S
+        b_p = tl.load(sp_ptr + row + o, mask=m_in, other=0)
+        m_base = m_in & ((b_p < r_lo) | (b_p > r_hi))
+        idx = cnt + tl.cumsum(m_base.to(tl.int32), axis=0) - 1
+        tl.store(p_g + idx, b_p, mask=m_base & (idx < n_g))
+        cnt += tl.sum(m_base.to(tl.int32), axis=0)
+        r0 += CH
+
+
+@triton.jit
+def _count_above(z_ptr, row, t, S, LOGS, STRICT: tl.constexpr, BM: tl.constexpr):
+    """#{z > t} (STRICT) or #{z >= t} for each t [BM], by binary search of the sort."""
+    lo = tl.zeros([BM], tl.int32)
+    hi = lo + S
+    for _ in range(LOGS):
+        m_act = lo < hi
+        mid = (lo + hi) // 2
+        b_z = tl.load(z_ptr + row + mid, mask=m_act, other=0.0)
+        if STRICT:
+            right = m_act & (b_z > t)
+        else:
+            right = m_act & (b_z >= t)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(m_act & (right == 0), mid, hi)
+    return lo
+
+
+@triton.jit
+def _noncausal_threshold(z_ptr, zpre_ptr, row, row1, S, K, MAXIT, LOGS, big, z_cut, u_w,
+                         BM: tl.constexpr):
+    """Per-query Newton on f_all(t) - f_window(t) for the queries marked ``big``; the
+    prefix sums of the sort start at row1 (S + 1 entries per row)."""
+    lo = z_cut - 1.0
+    hi = z_cut
+    t = hi
+    prev_s = tl.zeros([BM], tl.int32) - 1
+    prev_n = prev_s
+    newton = prev_s > 0
+    active = big
+    it = MAXIT * 0
+    while tl.max(active.to(tl.int32), axis=0) > 0:
+        t1 = t + 1.0
+        c_gt = _count_above(z_ptr, row, t, S, LOGS, True, BM)
+        c_ge1 = _count_above(z_ptr, row, t1, S, LOGS, False, BM)
+        zsum = (tl.load(zpre_ptr + row1 + c_gt, mask=active, other=0.0)
+                - tl.load(zpre_ptr + row1 + c_ge1, mask=active, other=0.0))
+        s_w, n_w, d_w = _mid_terms(u_w, t, t1)
+        s_all = c_ge1 - s_w
+        n_all = c_gt - c_ge1 - n_w
+        f = (s_all.to(tl.float64) + zsum - (c_gt - c_ge1).to(tl.float64) * t.to(tl.float64)
+             - d_w.to(tl.float64))
+        done = (newton & (s_all == prev_s) & (n_all == prev_n)) | (f == K) | (it >= MAXIT)
+        t_next, lo, hi, newton = _newton_step(t, f, n_all, lo, hi, K)
+        done = done | (t_next <= lo) | (t_next >= hi)
+        prev_s, prev_n = s_all, n_all
+        active = active & (done == 0)
+        t = tl.where(active, t_next, t)
+        it += 1
+    return tl.where(big, t, float("-inf"))

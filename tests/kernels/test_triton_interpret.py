@@ -1,0 +1,185 @@
+"""The fused Triton forward on the CPU, through the Triton interpreter.
+
+Every case runs the kernels into NaN-poisoned o and lse buffers and compares both with
+the float64 reference; fp16/bf16 must also stay within twice the error of the PyTorch
+reference run in the same precision (the contract's bar). The selection itself (threshold,
+selected set) is checked against ``sparsek_mask`` on score patterns chosen to break it:
+ties, constants, monotone and steep scores. Shapes are tiny, so the file runs in a few
+minutes on two cores; the interpreter is switched on for this module only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsek.reference import sparsek_attention_reference, sparsek_mask
+
+KERNEL_MODULES = ("sparsek.triton_select", "sparsek.triton_attn", "sparsek.triton_fwd")
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+LSE_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+def _load_kernels(interpret: bool) -> None:
+    """Import (or re-import) the kernel modules with the interpreter on or off: Triton
+    decides at decoration time, so modules imported earlier in this process must be
+    reloaded for the setting to reach them."""
+    if interpret:
+        os.environ["TRITON_INTERPRET"] = "1"
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
+    for name in KERNEL_MODULES:
+        if name in sys.modules:
+            importlib.reload(sys.modules[name])
+        else:
+            importlib.import_module(name)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpreter():
+    before = os.environ.get("TRITON_INTERPRET")
+    _load_kernels(True)
+    yield
+    if before is None:
+        _load_kernels(False)
+    else:
+        os.environ["TRITON_INTERPRET"] = before
+
+
+def _forward(x, **kw):
+    from sparsek.triton_fwd import sparsek_attention_triton
+
+    out = torch.full_like(x.q, torch.nan)
+    lse = torch.full(x.q.shape[:3], torch.nan)
+    o, lse_o = sparsek_attention_triton(x.q, x.k, x.v, x.u, out=out, lse_out=lse, **kw)
+    assert o is out and lse_o is lse
+    return o, lse
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    den = b.norm()
+    return float((a.double() - b).norm() / (den if den > 0 else 1.0))
+
+
+def _check_against_reference(x, dtype, **kw):
+    o, lse = _forward(x, **kw)
+    assert not o.isnan().any() and not lse.isnan().any(), "an output element was not written"
+    x64 = x.to(torch.float64)
+    want, want_lse = sparsek_attention_reference(x64.q, x64.k, x64.v, x64.u, **kw)
+    err = _rel(o, want)
+    assert err < TOLERANCE[dtype], f"rel error {err:.3e}"
+    if dtype != torch.float32:
+        low, _ = sparsek_attention_reference(x.q, x.k, x.v, x.u, **kw)
+        ref_err = _rel(low, want)
+        assert err <= 2 * ref_err + 1e-6, f"rel error {err:.3e} > 2 x reference {ref_err:.3e}"
+    empty = torch.isneginf(want_lse)
+    assert torch.equal(torch.isneginf(lse), empty)
+    assert (o[empty] == 0).all()
+    if (~empty).any():
+        lse_err = float((lse.double() - want_lse)[~empty].abs().max())
+        assert lse_err < LSE_TOLERANCE[dtype], f"lse error {lse_err:.3e}"
+
+
+# (B, Hq, Hkv, S, D, K, W, causal, dtype): S in {1, 63, 100, 257}, K in {0, 1, 7, >= S},
+# W in {0, 1, 16}, GQA groups 1, 4 and 8, D 64 and 128, all three dtypes.
+CASES = [
+    (1, 1, 1, 1, 64, 1, 1, True, F32),
+    (1, 2, 2, 1, 64, 0, 0, False, BF16),  # empty rows: o = 0, lse = -inf
+    (1, 4, 1, 63, 64, 7, 16, True, BF16),
+    (1, 4, 1, 63, 64, 7, 16, False, F16),
+    (1, 2, 2, 100, 64, 1, 0, True, F32),
+    (1, 2, 2, 100, 64, 1, 0, False, BF16),
+    (1, 8, 1, 100, 128, 7, 1, True, BF16),
+    (1, 8, 1, 100, 128, 7, 1, False, F16),
+    (1, 1, 1, 63, 128, 0, 16, True, F16),  # window only
+    (1, 1, 1, 63, 64, 0, 0, True, F32),
+    (2, 2, 1, 257, 64, 7, 16, True, BF16),
+    (1, 4, 1, 257, 128, 33, 1, False, BF16),
+    (1, 1, 1, 257, 64, 300, 0, True, F32),  # K >= S: dense
+    (1, 1, 1, 100, 64, 100, 16, False, F32),
+    (1, 4, 4, 63, 64, 7, 100, False, F32),  # W >= S: dense
+]
+
+
+@pytest.mark.parametrize(("B", "Hq", "Hkv", "S", "D", "K", "W", "causal", "dtype"), CASES)
+def test_forward_matches_reference(make_inputs, B, Hq, Hkv, S, D, K, W, causal, dtype):
+    x = make_inputs(batch=B, q_heads=Hq, kv_heads=Hkv, seq_len=S, dim=D, dtype=dtype)
+    _check_against_reference(x, dtype, kv_budget=K, window=W, causal=causal, scale=None)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_ties_in_scores_follow_the_smaller_position(make_inputs, causal):
+    x = make_inputs(q_heads=2, kv_heads=1, seq_len=100, dim=64, dtype=F32, u_levels=5)
+    _check_against_reference(x, F32, kv_budget=7, window=1, causal=causal, scale=0.3)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_budget_at_least_length_is_dense_attention(make_inputs, causal):
+    x = make_inputs(q_heads=2, kv_heads=2, seq_len=63, dim=64, dtype=F32)
+    o, lse = _forward(x, kv_budget=63, window=5, causal=causal, scale=None)
+    x64 = x.to(torch.float64)
+    want = F.scaled_dot_product_attention(x64.q, x64.k, x64.v, is_causal=causal)
+    assert _rel(o, want) < 1e-5
+
+
+def _selected(sel, S: int, K: int, W: int, causal: bool, block: int) -> torch.Tensor:
+    """The selected sets [BH, S, S] that the kernels' (lists, cnt, rk) describe."""
+    rank = sel.rank.long()
+    keys = torch.arange(S)
+    out = torch.zeros(rank.shape[0], S, S, dtype=torch.bool)
+    for i in range(S):
+        b = i // block
+        lo = max(b * block - W + 1, 0)
+        hi = b * block + block - 1 + (0 if causal else W - 1)
+        if not causal and W == 0:
+            lo, hi = 0, -1
+        dist = i - keys
+        cand = dist >= W if causal else dist.abs() >= W
+        dense = (keys >= lo) & (keys <= min(hi, S - 1)) & cand
+        out[:, i] = dense[None, :] & (rank <= sel.rk[:, i, None])
+        for bh in range(rank.shape[0]):
+            c = int(sel.cnt[bh, i])
+            if c:
+                out[bh, i, sel.lists[bh, b, :c].long()] = True
+    return out
+
+
+SCORE_PATTERNS = {
+    "ties": lambda g, s: torch.randint(0, 4, (2, 1, s), generator=g).float() * 0.5,
+    "constant": lambda g, s: torch.full((2, 1, s), 0.3),
+    "increasing": lambda g, s: torch.arange(s).float().expand(2, 1, s) * 0.05,
+    "decreasing": lambda g, s: -torch.arange(s).float().expand(2, 1, s) * 0.05,
+    "steep": lambda g, s: torch.arange(s).float().expand(2, 1, s) * 3.0,
+    "wide": lambda g, s: torch.randn(2, 1, s, generator=g) * 100,
+}
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("pattern", sorted(SCORE_PATTERNS))
+def test_selection_matches_the_mask(seed, pattern, causal):
+    from sparsek.triton_fwd import ForwardConfig, select
+
+    S, K, W = 100, 9, 4
+    u = SCORE_PATTERNS[pattern](torch.Generator().manual_seed(seed), S).contiguous()
+    cfg = ForwardConfig(block_m=16, heads=1, block_n=16, chunk=16, num_warps=4, num_stages=1)
+    sel = select(u, K, W, causal, cfg)
+    mask = sparsek_mask(u, kv_budget=K, window=W, causal=causal)
+    assert torch.equal(_selected(sel, S, K, W, causal, 16), mask.selected.reshape(-1, S, S))
+    want = mask.tau.reshape(-1, S)
+    kept_all = torch.isneginf(want)
+    assert torch.equal(torch.isneginf(sel.tau), kept_all)
+    scale = u.abs().max().clamp(min=1.0)
+    assert float((sel.tau.double() - want)[~kept_all].abs().max()) <= 4e-7 * float(scale)
+
+
+def test_custom_op_passes_opcheck(make_inputs):
+    from sparsek import op
+
+    x = make_inputs(q_heads=2, kv_heads=1, seq_len=20, dim=64, dtype=F32)
+    torch.library.opcheck(op.attention_fwd, (x.q, x.k, x.v, x.u, 4, 2, True, 0.125))
