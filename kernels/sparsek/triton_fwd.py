@@ -208,8 +208,6 @@ def sparsek_attention_triton(
     Returns:
         (o [B, Hq, S, D] in q's dtype, lse [B, Hq, S] float32); o is ``out`` when given.
     """
-    from sparsek import op  # registers the custom ops
-
     scale = _check(q, k, v, u, kv_budget, window, causal, scale)
     if out is None and lse_out is None:
         return op.attention_fwd(q, k, v, u, kv_budget, window, causal, scale)
@@ -220,3 +218,8 @@ def sparsek_attention_triton(
                                                            device=q.device)
     op.attention_fwd_out(q, k, v, u, o, lse, kv_budget, window, causal, scale)
     return o, lse
+
+
+# The custom ops wrap launch_forward above, so they are registered after it exists; a
+# module-level import (not one inside the function) keeps torch.compile free of breaks.
+from sparsek import op  # noqa: E402
