@@ -282,15 +282,18 @@ class Connection:
             # The only place the passphrase is unwrapped: straight into paramiko.
             return paramiko.PKey.from_path(
                 path, secret.get_secret_value().encode("utf-8") if secret else None)
-        except paramiko.PasswordRequiredException:
-            raise RemoteError(f"host {self.alias!r}: the key {path} is protected by a "
-                              "passphrase, and none is set",
-                              hint=f"set {env_name} in .env") from None
         except FileNotFoundError:
             raise RemoteError(f"host {self.alias!r}: the key file {path} does not exist",
                               hint=f"check SPARSEK_HOSTS__{self.alias.upper()}__KEY_PATH"
                               ) from None
-        except (paramiko.SSHException, ValueError, OSError) as exc:
+        except (paramiko.SSHException, ValueError, TypeError, OSError) as exc:
+            # An encrypted key with no passphrase given: paramiko's own formats raise
+            # PasswordRequiredException, the OpenSSH format (through cryptography) TypeError.
+            if secret is None and isinstance(exc, (paramiko.PasswordRequiredException,
+                                                   TypeError)):
+                raise RemoteError(f"host {self.alias!r}: the key {path} is protected by a "
+                                  "passphrase, and none is set",
+                                  hint=f"set {env_name} in .env") from None
             raise RemoteError(
                 f"host {self.alias!r}: the key {path} cannot be loaded "
                 f"({type(exc).__name__}); a wrong passphrase or a file that is not a "

@@ -28,6 +28,8 @@ BUNDLE_FOLDER = "bundle"
 JOB_NAME = "job.json"
 # Below this much free space under the remote folder a run is not started.
 MIN_FREE_BYTES = 64 * 2**20
+# The job script touches the heartbeat every few seconds while the job lives.
+STALE_HEARTBEAT_S = 30 * jobscript.HEARTBEAT_S
 _POLL_CHUNK = 256 * 1024
 _INFO_RE = re.compile(r"(\w+)=(\S+)")
 
@@ -256,13 +258,15 @@ def _section(data: bytes) -> tuple[bytes, bytes]:
 def _status_from(info: dict[str, str]) -> JobStatus:
     exit_text = info.get("exit", "-")
     exit_code = int(exit_text) if exit_text.lstrip("-").isdigit() and exit_text != "-" else None
-    alive = info.get("alive") == "1"
+    age_text = info.get("heartbeat_age", "")
+    age = int(age_text) if age_text.lstrip("-").isdigit() else None
+    # A live pid with a long-silent heartbeat is some other process that got the pid
+    # after the host restarted: the job itself is gone.
+    alive = info.get("alive") == "1" and (age is None or age < STALE_HEARTBEAT_S)
     state: JobState = ("finished" if exit_code is not None
                        else "running" if alive else "lost")
     pid = info.get("pid", "-")
-    age = info.get("heartbeat_age", "")
-    return JobStatus(state, exit_code, int(pid) if pid.isdigit() else None,
-                     int(age) if age.lstrip("-").isdigit() else None,
+    return JobStatus(state, exit_code, int(pid) if pid.isdigit() else None, age,
                      info.get("bundle") == "1")
 
 

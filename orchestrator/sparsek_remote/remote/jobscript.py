@@ -53,7 +53,7 @@ start)
     exit 75
   fi
   if ! printf '%s\n' "$run_id" > "$remote_dir/lock/run_id" \
-     || ! printf '%-20s\n' - > "$run_dir/exit_code"; then
+     || ! printf '%-20s\n' - > "$run_dir/exit_code" || ! touch "$run_dir/heartbeat"; then
     rm -rf "$remote_dir/lock"
     exit 1
   fi
@@ -99,11 +99,13 @@ poll)
   pid=$(cat pid 2>/dev/null || true)
   alive=0
   [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && alive=1
-  beat=$(stat -c %Y heartbeat 2>/dev/null || echo 0)
+  beat=$(stat -c %Y heartbeat 2>/dev/null || true)
+  age=-
+  [ -n "$beat" ] && age=$(( $(date +%s) - beat ))
   bundle=0
   [ -f bundle/manifest.json ] && bundle=1
   printf 'state=present exit=%s pid=%s alive=%s heartbeat_age=%s bundle=%s\n' \
-    "${ec:--}" "${pid:--}" "$alive" $(( $(date +%s) - beat )) "$bundle"
+    "${ec:--}" "${pid:--}" "$alive" "$age" "$bundle"
   for pair in "events.jsonl $ev_off" "runner.stderr $log_off"; do
     set -- $pair
     size=$(wc -c < "$1" 2>/dev/null || echo 0)
