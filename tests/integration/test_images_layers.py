@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import subprocess
 import tarfile
 from pathlib import Path
@@ -67,11 +66,10 @@ def write_archive(client, info: ImageInfo, tag: str, host: HostImages, layout: A
 
 def layer_entries(path: Path, layout: ArchiveLayout) -> dict[str, str]:
     """Layer tars in the archive: name -> sha256 of their bytes (their diff ID)."""
-    wanted = set(layout.layer_paths)
     found: dict[str, str] = {}
     with tarfile.open(path, mode="r:gz") as tar:
         for member in tar:
-            if member.name in wanted and member.isreg():
+            if layout.is_layer_member(member.name) and member.isreg():
                 found[member.name] = "sha256:" + hashlib.sha256(
                     tar.extractfile(member).read()).hexdigest()
     return found
@@ -98,12 +96,12 @@ def test_host_query_names_the_image_when_the_host_has_it(small_image: ImageInfo)
 
 def test_archive_leaves_out_held_layers_and_loads_to_the_same_image(
         docker_client, small_image: ImageInfo, base_image: str, tmp_path: Path) -> None:
-    layout = images.archive_layout(docker_client, small_image, SMALL, cache_dir=tmp_path)
+    layout = images.archive_layout(docker_client, small_image)
     base = images.image_info(docker_client, base_image)
     host = HostImages(None, frozenset(images.chain_ids(base.diff_ids)))
     archive = tmp_path / "partial.tar.gz"
     stats = write_archive(docker_client, small_image, SMALL, host, layout, archive)
-    assert (stats.layers_total, stats.layers_sent) == (3, 2)
+    assert (stats.layers_total, stats.layers_sent, stats.unplaced_layers) == (3, 2, 1)
     sent = layer_entries(archive, layout)
     assert sorted(sent.values()) == sorted(small_image.diff_ids[1:])
     assert stats.wire_bytes < 64 * 1024  # the base layer (hundreds of MB) stayed home
@@ -121,11 +119,12 @@ def test_archive_leaves_out_held_layers_and_loads_to_the_same_image(
 def test_an_archive_without_a_layer_the_host_lacks_is_refused(
         docker_client, small_image: ImageInfo, tmp_path: Path) -> None:
     """The control: if the query were wrong, the load would fail, not corrupt."""
-    layout = images.archive_layout(docker_client, small_image, SMALL)
+    layout = images.archive_layout(docker_client, small_image)
     claims_all = HostImages(None, frozenset(images.chain_ids(small_image.diff_ids)))
     archive = tmp_path / "too-small.tar.gz"
     stats = write_archive(docker_client, small_image, SMALL, claims_all, layout, archive)
-    assert stats.layers_sent == 0 and layer_entries(archive, layout) == {}
+    # Only the top layer travels (its folder is never predicted, so never left out).
+    assert list(layer_entries(archive, layout).values()) == [small_image.diff_ids[-1]]
     docker_client.api.remove_image(SMALL)
     assert host_view(SMALL).held_mask(small_image) == (True, False, False)
     loaded = docker_load(archive)
@@ -134,12 +133,15 @@ def test_an_archive_without_a_layer_the_host_lacks_is_refused(
     assert images.image_info(docker_client, SMALL) is None
 
 
-def test_layout_is_learnt_once_per_image(docker_client, small_image: ImageInfo,
-                                         tmp_path: Path) -> None:
-    first = images.archive_layout(docker_client, small_image, SMALL, cache_dir=tmp_path)
-    cached = list(tmp_path.glob("*.layout.json"))
-    assert len(cached) == 1 and json.loads(cached[0].read_text())["format"] == first.format
-    assert images.archive_layout(docker_client, small_image, SMALL, cache_dir=tmp_path) == first
+def test_predicted_layout_names_the_folders_the_daemon_writes(
+        docker_client, small_image: ImageInfo) -> None:
+    """The layout comes without reading the image; a full read must agree with it."""
+    predicted = images.archive_layout(docker_client, small_image)
+    scanned = images.scan_layout(docker_client, small_image, SMALL)
+    assert predicted.format == scanned.format
+    known = [(p, s) for p, s in zip(predicted.units, scanned.units) if p is not None]
+    assert known and all(p == s for p, s in known)
+    assert predicted.units.count(None) <= 1
 
 
 def test_project_image_without_its_top_layer_ships_only_that_layer(
@@ -148,7 +150,7 @@ def test_project_image_without_its_top_layer_ships_only_that_layer(
     compressed, and the load gives the same image ID."""
     built, holder = _with_lower_layers_held(docker_client, project_context)
     info, tag = built.info, built.tag
-    layout = images.archive_layout(docker_client, info, tag, cache_dir=tmp_path)
+    layout = images.archive_layout(docker_client, info)
     expected = HostImages(None, frozenset(images.chain_ids(info.diff_ids[:-1])))
     archive = tmp_path / "top.tar.gz"
     stats = write_archive(docker_client, info, tag, expected, layout, archive)

@@ -1,6 +1,13 @@
 """The image: its content-addressed build, its layers, and the partial archive that
 ships only what a host lacks. The only package that talks to Docker."""
 
+from sparsek_remote.images.archive import (
+    CODECS,
+    LOAD_ARGV,
+    ArchiveStats,
+    Codec,
+    PartialArchive,
+)
 from sparsek_remote.images.build import (
     BuiltImage,
     ImageInfo,
@@ -17,18 +24,16 @@ from sparsek_remote.images.context import (
     write_context_tar,
 )
 from sparsek_remote.images.layers import (
-    CODECS,
     DOCKER_UNUSABLE_EXIT,
     HOST_QUERY_SCRIPT,
-    LOAD_ARGV,
     ArchiveLayout,
-    ArchiveStats,
     HostImages,
-    PartialArchive,
     archive_layout,
     chain_ids,
     image_id_argv,
+    legacy_layer_folders,
     parse_host_query,
+    scan_layout,
 )
 
 __all__ = [
@@ -38,6 +43,7 @@ __all__ = [
     "BuildOptions",
     "BuiltImage",
     "CODECS",
+    "Codec",
     "DOCKER_UNUSABLE_EXIT",
     "HASH_LABEL",
     "HOST_QUERY_SCRIPT",
@@ -53,6 +59,8 @@ __all__ = [
     "docker_client",
     "image_id_argv",
     "image_info",
+    "legacy_layer_folders",
     "parse_host_query",
+    "scan_layout",
     "write_context_tar",
 ]

@@ -1,16 +1,17 @@
-"""The image's layers, and a ``docker save`` archive without the layers a host holds.
+"""The image's layers: their identities, which of them a host holds, and where each lies
+in a ``docker save`` archive.
 
 ``docker load`` takes a layer from its own store, without reading the archive's copy,
 when it already holds that layer on the same chain of parents (verified on Docker
 20.10.24: an archive whose manifest names a held layer whose folder is absent loads
 and gives the same image ID; an absent layer the daemon does not hold fails the load).
-So the archive streamed to a host keeps ``manifest.json``, the image configuration and
-every layer the host lacks, and leaves the held layers' files out.
+So the archive streamed to a host may leave the held layers' files out.
 
-Two save formats exist: Docker < 25 writes ``<v1 id>/layer.tar`` folders whose names
-say nothing about the layer, so which folder is which layer is learnt once per image
-from the archive's own manifest (``scan_layout``); Docker >= 25 writes an OCI layout
-whose layer blobs are named by their diff ID (``blobs/sha256/<hex>``).
+Two save formats exist. Docker >= 25 writes an OCI layout whose layer blobs are named
+by their diff ID (``blobs/sha256/<hex>``). Docker < 25 writes ``<v1 id>/layer.tar``
+folders; the v1 ID of every layer but the top one depends only on the layer chain, so
+it is computed here the way the daemon computes it (``legacy_layer_folders``), and the
+one remaining folder is the top layer's. ``scan_layout`` reads a real archive to check.
 """
 
 from __future__ import annotations
@@ -18,28 +19,26 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
-import tarfile
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Literal
 
 import docker
 from sparsek_remote.errors import ImageError
-from sparsek_remote.images._compress import BlockCompressor
-from sparsek_remote.images._stream import ChunkReader
+from sparsek_remote.images._stream import SavedArchive
 from sparsek_remote.images.build import ImageInfo, docker_errors
 
-Codec = Literal["gzip", "none"]
 SaveFormat = Literal["legacy", "oci"]
-CODECS: tuple[Codec, ...] = ("gzip", "none")
-# docker load recognises gzip by itself; zstd it only reads from Docker 23 on
-# (20.10 answers "archive/tar: invalid tar header"), so gzip is the portable choice.
-LOAD_ARGV = ("docker", "load")
-_CHUNK = 1 << 20
-_BLOCK = tarfile.BLOCKSIZE
 _OCI_MIN_API = (1, 44)  # Docker 25.0, the first to save an OCI layout
+# The v1 configuration Docker < 25 writes for every layer but the top one: an empty
+# container configuration created at the epoch (moby image/tarexport/save.go). Its
+# JSON, field order included, is what the layer's v1 ID hashes.
+_V1_EMPTY_CONFIG = (
+    '{"Hostname":"","Domainname":"","User":"","AttachStdin":false,"AttachStdout":false,'
+    '"AttachStderr":false,"Tty":false,"OpenStdin":false,"StdinOnce":false,"Env":null,'
+    '"Cmd":null,"Image":"","Volumes":null,"WorkingDir":"","Entrypoint":null,'
+    '"OnBuild":null,"Labels":null}')
+_V1_EPOCH = "1970-01-01T00:00:00Z"
 
 
 def chain_ids(diff_ids: Sequence[str]) -> tuple[str, ...]:
@@ -53,6 +52,19 @@ def chain_ids(diff_ids: Sequence[str]) -> tuple[str, ...]:
         digest = hashlib.sha256(f"{chain[-1]} {diff_id}".encode("ascii")).hexdigest()
         chain.append(f"sha256:{digest}")
     return tuple(chain)
+
+
+def legacy_layer_folders(diff_ids: Sequence[str]) -> tuple[str, ...]:
+    """The folder names [n_layers - 1] Docker < 25 gives every layer but the top one in
+    a save archive: sha256 of the layer's v1 configuration, its chain ID and its
+    parent's v1 ID, as JSON with sorted keys (moby image/v1 CreateID)."""
+    folders: list[str] = []
+    for chain_id in chain_ids(diff_ids)[:-1]:
+        parent = f',"parent":"sha256:{folders[-1]}"' if folders else ""
+        body = (f'{{"container_config":{_V1_EMPTY_CONFIG},"created":"{_V1_EPOCH}",'
+                f'"layer_id":"{chain_id}"{parent}}}')
+        folders.append(hashlib.sha256(body.encode("ascii")).hexdigest())
+    return tuple(folders)
 
 
 @dataclass(frozen=True)
@@ -112,185 +124,71 @@ def _diff_id_list(text: str) -> list[str]:
 
 @dataclass(frozen=True)
 class ArchiveLayout:
-    """Where each layer of an image lies in its save archive [n_layers], base first."""
+    """Where each layer of an image lies in its save archive [n_layers], base first:
+    a folder (legacy format) or a blob path (OCI), None where it is not known in
+    advance (the top layer's folder in the legacy format)."""
 
     format: SaveFormat
-    layer_paths: tuple[str, ...]
+    units: tuple[str | None, ...]
 
     def dropped_units(self, image: ImageInfo, held: Sequence[bool]) -> frozenset[str]:
-        """Archive entries (a folder or a blob) that may be left out for a host that
-        holds the layers marked in ``held``. A layer whose content also appears at a
-        position the host lacks stays, because the archive stores such twins once
-        (a blob, or a link to the first folder) and the kept one must find it."""
+        """Archive entries that may be left out for a host that holds the layers marked
+        in ``held``. A layer whose content also appears at a position the host lacks
+        stays, because the archive stores such twins once (one blob, or a link to the
+        first folder) and the kept one must find it."""
         needed = {d for d, h in zip(image.diff_ids, held, strict=True) if not h}
-        return frozenset(self._unit(path) for path, diff_id, h in
-                         zip(self.layer_paths, image.diff_ids, held, strict=True)
-                         if h and diff_id not in needed)
+        return frozenset(unit for unit, diff_id, h in
+                         zip(self.units, image.diff_ids, held, strict=True)
+                         if unit is not None and h and diff_id not in needed)
 
-    def _unit(self, path: str) -> str:
-        return posixpath.dirname(path) if self.format == "legacy" else path
+    def unit_of(self, member_name: str) -> str:
+        """The entry a member of the archive belongs to (its folder, or itself)."""
+        name = member_name.rstrip("/")
+        return name.split("/", 1)[0] if self.format == "legacy" else name
 
-    def to_json(self) -> str:
-        return json.dumps({"format": self.format, "layer_paths": list(self.layer_paths)})
-
-    @classmethod
-    def from_json(cls, text: str) -> ArchiveLayout:
-        data = json.loads(text)
-        return cls(data["format"], tuple(data["layer_paths"]))
+    def is_layer_member(self, member_name: str) -> bool:
+        if self.format == "legacy":
+            return posixpath.basename(member_name) == "layer.tar"
+        return member_name.startswith("blobs/")
 
 
-def archive_layout(client: docker.DockerClient, image: ImageInfo, ref: str, *,
-                   cache_dir: Path | None = None) -> ArchiveLayout:
-    """The layout of ``ref``'s save archive: known from the daemon's version for the OCI
-    format; for the older format learnt by reading one full save (kept in ``cache_dir``
-    per image ID, so it is read once per image)."""
+def archive_layout(client: docker.DockerClient, image: ImageInfo) -> ArchiveLayout:
+    """The layout of ``image``'s save archive on this daemon, without reading it."""
     if _daemon_api(client) >= _OCI_MIN_API:
-        return ArchiveLayout("oci", tuple(f"blobs/sha256/{d.split(':', 1)[1]}"
-                                          for d in image.diff_ids))
-    cached = cache_dir / f"{image.image_id.split(':', 1)[-1]}.layout.json" if cache_dir else None
-    if cached is not None and cached.is_file():
-        return ArchiveLayout.from_json(cached.read_text(encoding="utf-8"))
-    layout = scan_layout(client, image, ref)
-    if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        cached.write_text(layout.to_json(), encoding="utf-8")
-    return layout
+        return _oci_layout(image)
+    return ArchiveLayout("legacy", (*legacy_layer_folders(image.diff_ids), None))
 
 
 def scan_layout(client: docker.DockerClient, image: ImageInfo, ref: str) -> ArchiveLayout:
-    """Read ``ref``'s save archive once, skipping the data, to learn its layout."""
-    with docker_errors(f"reading the saved archive of {ref}"), _SavedArchive(client, ref) as tar:
+    """Read ``ref``'s save archive once, skipping the data, to learn its layout from
+    its manifest (a check of ``archive_layout``; it costs a full save)."""
+    with docker_errors(f"reading the saved archive of {ref}"), SavedArchive(client, ref) as tar:
         for member in tar:
             if member.name.startswith("blobs/"):
-                return ArchiveLayout("oci", tuple(
-                    f"blobs/sha256/{d.split(':', 1)[1]}" for d in image.diff_ids))
+                return _oci_layout(image)
             if member.name == "manifest.json":
-                return _legacy_layout(tar, member, image, ref)
+                handle = tar.extractfile(member)
+                return _legacy_layout(json.loads(handle.read()) if handle else [], image, ref)
     raise ImageError(f"the saved archive of {ref} has no manifest.json",
                      hint="the daemon's save format is not one this version knows")
 
 
-def _legacy_layout(tar: tarfile.TarFile, member: tarfile.TarInfo, image: ImageInfo,
-                   ref: str) -> ArchiveLayout:
-    handle = tar.extractfile(member)
-    manifest = json.loads(handle.read()) if handle else []
-    entries = [m for m in manifest if image.image_id.split(":", 1)[1] in str(m.get("Config"))]
+def _oci_layout(image: ImageInfo) -> ArchiveLayout:
+    return ArchiveLayout("oci", tuple(f"blobs/sha256/{d.split(':', 1)[1]}"
+                                      for d in image.diff_ids))
+
+
+def _legacy_layout(manifest: list[dict], image: ImageInfo, ref: str) -> ArchiveLayout:
+    config = image.image_id.split(":", 1)[1] + ".json"
+    entries = [m for m in manifest if m.get("Config") == config]
     paths = tuple(entries[0].get("Layers") or ()) if entries else ()
     if len(paths) != len(image.diff_ids):
         raise ImageError(f"the saved archive of {ref} lists {len(paths)} layers, the image "
                          f"has {len(image.diff_ids)}", hint="rebuild the image and retry")
-    return ArchiveLayout("legacy", paths)
+    return ArchiveLayout("legacy", tuple(posixpath.dirname(p) for p in paths))
 
 
 def _daemon_api(client: docker.DockerClient) -> tuple[int, ...]:
     with docker_errors("asking the Docker daemon for its version"):
         version = str(client.version().get("ApiVersion", "0"))
     return tuple(int(p) for p in version.split(".") if p.isdigit())
-
-
-class _SavedArchive:
-    """``docker save`` of one image as a tar read as it streams from the daemon."""
-
-    def __init__(self, client: docker.DockerClient, ref: str) -> None:
-        self._chunks = client.api.get_image(ref, chunk_size=_CHUNK)
-
-    def __enter__(self) -> tarfile.TarFile:
-        self._tar = tarfile.open(fileobj=ChunkReader(self._chunks), mode="r|", bufsize=_CHUNK)
-        return self._tar
-
-    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
-        self._tar.close()
-        if kind is None:
-            # Read the response to its end (a few padding blocks): the daemon keeps its
-            # hold on the image's layers until the save's response is complete.
-            for _chunk in self._chunks:
-                pass
-        close = getattr(self._chunks, "close", None)
-        if close:
-            close()
-
-
-@dataclass(frozen=True)
-class ArchiveStats:
-    """What one partial archive carried: layers sent and held, bytes before and after
-    compression."""
-
-    layers_total: int
-    layers_sent: int
-    tar_bytes: int
-    wire_bytes: int
-    seconds: float
-
-    @property
-    def layers_held(self) -> int:
-        return self.layers_total - self.layers_sent
-
-
-class PartialArchive:
-    """Iterating yields the compressed ``docker save`` archive of ``ref`` without the
-    layers the host holds, as it streams from the daemon: neither side keeps a full
-    copy. ``stats`` is set once the iteration has finished."""
-
-    def __init__(self, client: docker.DockerClient, image: ImageInfo, ref: str,
-                 host: HostImages, layout: ArchiveLayout, *, codec: Codec = "gzip",
-                 level: int = 1, workers: int | None = None) -> None:
-        if codec not in CODECS:
-            raise ImageError(f"unknown compression {codec!r}", hint=f"use one of {CODECS}")
-        self._client, self._image, self._ref, self._layout = client, image, ref, layout
-        self._held = host.held_mask(image)
-        self._dropped = layout.dropped_units(image, self._held)
-        self._codec, self._level, self._workers = codec, level, workers
-        self.stats: ArchiveStats | None = None
-
-    def __iter__(self) -> Iterator[bytes]:
-        started = time.monotonic()
-        sink = BlockCompressor(self._codec, self._level, self._workers)
-        try:
-            yield from self._members(sink)
-        finally:
-            sink.close()
-        sent = sum(1 for h in self._held if not h)
-        self.stats = ArchiveStats(len(self._held), sent, sink.raw_bytes, sink.wire_bytes,
-                                  time.monotonic() - started)
-
-    def _members(self, sink: BlockCompressor) -> Iterator[bytes]:
-        with docker_errors(f"saving {self._ref}"), _SavedArchive(self._client, self._ref) as tar:
-            for member in tar:
-                if self._is_dropped(member.name):
-                    continue
-                yield from sink.feed(member.tobuf(tarfile.PAX_FORMAT, "utf-8",
-                                                  "surrogateescape"))
-                if member.isreg():
-                    yield from self._copy_data(tar, member, sink)
-            yield from sink.feed(b"\0" * (2 * _BLOCK))
-            yield from sink.finish()
-
-    def write_to(self, out: BinaryIO) -> ArchiveStats:
-        """Write the archive to a binary file object; return what it carried."""
-        for chunk in self:
-            out.write(chunk)
-        return self._finished_stats()
-
-    def _finished_stats(self) -> ArchiveStats:
-        if self.stats is None:
-            raise ImageError(f"the archive of {self._ref} was not read to its end")
-        return self.stats
-
-    def _is_dropped(self, name: str) -> bool:
-        name = name.rstrip("/")
-        return any(name == unit or name.startswith(unit + "/") for unit in self._dropped)
-
-    def _copy_data(self, tar: tarfile.TarFile, member: tarfile.TarInfo,
-                   sink: BlockCompressor) -> Iterator[bytes]:
-        handle = tar.extractfile(member)
-        remaining = member.size
-        while remaining > 0 and handle is not None:
-            data = handle.read(min(_CHUNK, remaining))
-            if not data:
-                raise ImageError(f"the saved archive of {self._ref} ended inside "
-                                 f"{member.name}", hint="the daemon stopped; retry")
-            remaining -= len(data)
-            yield from sink.feed(data)
-        padding = -member.size % _BLOCK
-        if padding:
-            yield from sink.feed(b"\0" * padding)
