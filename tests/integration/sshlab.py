@@ -135,6 +135,12 @@ class SshHost:
         run("ip", "-n", self.netns, "link", "set", "lo", "up")
 
     def remove_network(self) -> None:
+        """End every process still in the namespace (sshd sessions and jobs, which
+        sshd started there), then remove it."""
+        listed = run("ip", "netns", "pids", self.netns, check=False).stdout.split()
+        for pid in listed:
+            with contextlib.suppress(ValueError, ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
         run("ip", "link", "del", self.outer_if, check=False)
         run("ip", "netns", "del", self.netns, check=False)
 
@@ -159,6 +165,8 @@ class SshHost:
             "UsePAM no\nPermitRootLogin prohibit-password\n"
             f"AllowUsers {LOGIN_USER}\nSubsystem sftp internal-sftp\n"
             "MaxSessions 100\nMaxStartups 100\nLogLevel ERROR\n"
+            # A client whose link was cut never says goodbye: end its session soon.
+            "ClientAliveInterval 5\nClientAliveCountMax 3\n"
             f"SetEnv {env}\n")
         return config
 
