@@ -226,7 +226,10 @@ def parse_json(raw: bytes, name: str) -> dict[str, Any]:
 
 def _json_error(exc: json.JSONDecodeError, text: str, name: str) -> str:
     where = f"line {exc.lineno}, column {exc.colno} (byte {exc.pos})"
-    truncated = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated")
+    # Cut off anywhere (even inside a number, as in '"ratio": 2.'), a document has
+    # nothing left after the error that could close it.
+    truncated = (exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated")
+                 or not any(c in text[exc.pos:] for c in "]}"))
     tail = "; it ends early, so the file looks truncated" if truncated else ""
     return f"{name} is not valid JSON: {exc.msg.removesuffix(' at')} at {where}{tail}"
 

@@ -96,13 +96,30 @@ Implementation = Annotated[SparsekImpl | SdpaImpl, Field(discriminator="kind")]
 
 
 class TimingPolicy(_Strict):
-    """How each passing case is timed. The runner stops at ``repetitions`` samples
-    or when ``max_seconds`` of timing have passed, whichever comes first."""
+    """How each passing case is timed.
+
+    Samples are taken until the 95% confidence interval of the median lies within
+    ``target_ci_rel`` of it (never before ``min_repetitions`` samples), until
+    ``repetitions`` samples, or until ``max_seconds`` of timing have passed, whichever
+    comes first; the bundle records which. On a GPU, a call whose median is shorter
+    than ``graph_below_us`` is timed by replaying a CUDA graph of many calls lasting
+    about ``graph_replay_us`` (0 turns graphs off), and ``rotate_inputs`` decides
+    whether calls cycle over copies of the inputs at other addresses, so that inputs
+    small enough to stay in the L2 cache are not timed from it ("auto": when they fit).
+    ``measure_ceilings`` times a large matrix product and a large copy once per job,
+    the card's own ceilings that the report holds each rate against.
+    """
 
     warmup: Annotated[StrictInt, Field(ge=0, le=10_000)] = 5
     repetitions: Annotated[StrictInt, Field(ge=3, le=100_000)] = 50
     max_seconds: Annotated[Number, Field(gt=0, le=3600)] = 10.0
     flush_l2: StrictBool = True
+    min_repetitions: Annotated[StrictInt, Field(ge=3, le=100_000)] = 10
+    target_ci_rel: Annotated[Number, Field(gt=0, le=1)] = 0.01
+    graph_below_us: Annotated[Number, Field(ge=0, le=1_000_000)] = 20
+    graph_replay_us: Annotated[Number, Field(gt=0, le=1_000_000)] = 1000
+    rotate_inputs: Literal["auto", "always", "never"] = "auto"
+    measure_ceilings: StrictBool = True
 
 
 class CorrectnessPolicy(_Strict):
@@ -122,7 +139,11 @@ class CorrectnessPolicy(_Strict):
 
 
 class NcuPolicy(_Strict):
-    """Nsight Compute profiling of selected cases (one process per profiled kernel)."""
+    """Nsight Compute profiling of selected cases: one process per (case, implementation),
+    profiling the kernels of one call inside an NVTX range, after the case passed its
+    gate and was timed. Empty ``cases`` or ``implementations`` select all of them.
+    ``clock_control`` "none" (the default) profiles at the clocks the card runs at;
+    "base" lets Nsight Compute lock them to base clocks while it profiles."""
 
     enabled: StrictBool = False
     cases: list[Name] = Field(default_factory=list)

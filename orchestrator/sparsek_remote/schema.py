@@ -7,7 +7,9 @@ A bundle is a folder::
     results.json    one entry per (case, implementation): gate verdict, timing
                     samples and statistics, FLOPs, bytes, rates
     runner.log      what the runner printed
-    ncu/...         Nsight Compute reports, when the job asks for them
+    ncu/<case>/<implementation>.ncu-rep, .csv
+                    Nsight Compute reports, when the job asks for them, and the raw
+                    CSV export their metrics in results.json were parsed from
 
 What comes back from a host is parsed by its ``schema_version`` ("tolerant out"):
 fields a newer runner adds are ignored, but every field this version knows is
@@ -39,6 +41,10 @@ BUNDLE_PATH_PATTERN = r"^[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+){0,3}$"
 
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
+# Nsight Compute's "% of peak" can pass 100 by a little; far beyond it is garbage.
+Percent = Annotated[float, Field(ge=0, le=1000, allow_inf_nan=False)]
+BundlePath = Annotated[str, Field(pattern=BUNDLE_PATH_PATTERN, max_length=255)]
+DtypeName = Literal["bfloat16", "float16", "float32"]
 
 
 class _FromHost(BaseModel):
@@ -56,6 +62,26 @@ class FileEntry(_FromHost):
         if any(part in (".", "..") for part in path.split("/")):
             raise ValueError("a bundle path may not contain '.' or '..' segments")
         return path
+
+
+class CardState(_FromHost):
+    """The card's clocks, temperature and power at one moment, read without changing
+    anything. ``throttle_reasons`` names what holds the clocks down right then (NVML's
+    clock event reasons); ``*_violation_ns`` are NVML's running totals of time spent
+    limited by power or heat, so two readings bracket what happened between them."""
+
+    source: Literal["nvml", "nvidia-smi", "unavailable"]
+    sm_clock_mhz: NonNegative | None = None
+    memory_clock_mhz: NonNegative | None = None
+    max_sm_clock_mhz: NonNegative | None = None
+    temperature_c: Finite | None = None
+    power_w: NonNegative | None = None
+    power_limit_w: NonNegative | None = None
+    throttle_reasons: Annotated[list[Annotated[str, Field(max_length=64)]],
+                                Field(max_length=32)] = []
+    power_violation_ns: Annotated[int, Field(ge=0)] | None = None
+    thermal_violation_ns: Annotated[int, Field(ge=0)] | None = None
+    note: Annotated[str, Field(max_length=500)] | None = None
 
 
 class Provenance(_FromHost):
@@ -78,6 +104,62 @@ class Provenance(_FromHost):
     git_commit: Annotated[str, Field(pattern=r"^[0-9a-f]{7,40}$")] | None = None
     git_dirty: bool | None = None
     image_digest: Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")] | None = None
+    card: CardState | None = None
+
+
+class Ceilings(_FromHost):
+    """What the card itself reached once per job: a large matrix product per dtype
+    (TFLOP/s) and a large device-to-device copy (GB/s, bytes read plus written),
+    each the median of timed repetitions; the report holds each case's rates
+    against these rather than against a datasheet."""
+
+    device: Literal["cuda", "cpu"]
+    matmul_tflops: dict[DtypeName, NonNegative] = {}
+    copy_gbps: NonNegative | None = None
+    method: Annotated[str, Field(max_length=1000)] = ""
+
+
+class NcuMetrics(_FromHost):
+    """Key Nsight Compute metrics. For a call of several kernels, durations and DRAM
+    bytes are summed and the percentages are averaged weighted by kernel duration."""
+
+    duration_ns: NonNegative | None = None
+    dram_throughput_pct: Percent | None = None
+    memory_throughput_pct: Percent | None = None
+    sm_throughput_pct: Percent | None = None
+    tensor_pipe_pct: Percent | None = None
+    achieved_occupancy_pct: Percent | None = None
+    l2_hit_rate_pct: Percent | None = None
+    dram_bytes: NonNegative | None = None
+    sm_frequency_hz: NonNegative | None = None
+
+
+class NcuKernel(_FromHost):
+    name: Annotated[str, Field(max_length=1000)]
+    metrics: NcuMetrics
+    tensor_pipe_metric: Annotated[str, Field(max_length=200)] | None = None
+
+
+class NcuResult(_FromHost):
+    """The Nsight Compute profile of one timed (case, implementation), or why there
+    is none (``error``, with the fix where one is known)."""
+
+    report_path: BundlePath | None = None
+    csv_path: BundlePath | None = None
+    clock_control: Literal["none", "base"]
+    cache_control: Literal["all", "none"] = "all"
+    sections: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=64)] = []
+    metrics: NcuMetrics | None = None
+    kernels: Annotated[list[NcuKernel], Field(max_length=1024)] = []
+    error: Annotated[str, Field(max_length=4000)] | None = None
+    tool_version: Annotated[str, Field(max_length=200)] | None = None
+
+    @field_validator("report_path", "csv_path")
+    @classmethod
+    def _no_dot_segments(cls, path: str | None) -> str | None:
+        if path is not None and any(part in (".", "..") for part in path.split("/")):
+            raise ValueError("a bundle path may not contain '.' or '..' segments")
+        return path
 
 
 class Stats(_FromHost):
@@ -106,12 +188,27 @@ class Stats(_FromHost):
 
 
 class Timing(_FromHost):
-    method: Literal["cuda-events", "wall-clock"]
+    """Every sample of one timed (case, implementation) and their summary.
+
+    "cuda-events" samples are one call each between two CUDA events; "cuda-graph"
+    samples are one replay of a graph of ``calls_per_sample`` calls, divided by that
+    number; "wall-clock" samples are host-timed calls on the CPU. Calls cycle over
+    ``rotation_sets`` copies of the inputs. ``stop_reason`` says what ended sampling:
+    the median's 95% CI reached ``target_ci_rel`` ("ci"), the time budget ran out
+    ("budget"), or the sample cap was reached ("repetitions").
+    """
+
+    method: Literal["cuda-events", "cuda-graph", "wall-clock"]
     device: Literal["cuda", "cpu"]
     warmup: Annotated[int, Field(ge=0)]
     l2_flushed: bool
     samples_ms: Annotated[list[NonNegative], Field(min_length=1, max_length=1_000_000)]
     stats: Stats
+    calls_per_sample: Annotated[int, Field(ge=1, le=1_000_000)] = 1
+    rotation_sets: Annotated[int, Field(ge=1, le=4096)] = 1
+    stop_reason: Literal["ci", "budget", "repetitions"] | None = None
+    target_ci_rel: Annotated[float, Field(gt=0, le=1)] | None = None
+    graph_fallback: Annotated[str, Field(max_length=2000)] | None = None
 
     @model_validator(mode="after")
     def _samples_match(self) -> Timing:
@@ -139,6 +236,14 @@ class Gate(_FromHost):
 
 
 class CaseResult(_FromHost):
+    """One (case, implementation): its gate, and only if that passed, its timing.
+
+    ``card_before``/``card_after`` are the card's state just before and after the
+    timing; ``throttled`` is True when either shows the clocks held down by power or
+    heat (None where the state cannot be read), with the evidence in
+    ``throttle_detail``. ``ncu`` holds the Nsight Compute profile of a timed case.
+    """
+
     case: Annotated[str, Field(pattern=NAME_PATTERN)]
     implementation: Annotated[str, Field(pattern=NAME_PATTERN)]
     status: Literal["ok", "gate_failed", "error", "skipped"]
@@ -150,6 +255,12 @@ class CaseResult(_FromHost):
     gbps: NonNegative | None = None
     peak_extra_memory_bytes: Annotated[int, Field(ge=0)] | None = None
     error: Annotated[str, Field(max_length=8000)] | None = None
+    input_seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    card_before: CardState | None = None
+    card_after: CardState | None = None
+    throttled: bool | None = None
+    throttle_detail: Annotated[str, Field(max_length=2000)] | None = None
+    ncu: NcuResult | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> CaseResult:
@@ -163,6 +274,9 @@ class CaseResult(_FromHost):
                              "nothing is timed unless its gate passed")
         if self.status == "gate_failed" and (self.gate is None or self.gate.passed):
             raise ValueError("a case marked gate_failed must carry a failing gate")
+        if self.status != "ok" and self.ncu is not None:
+            raise ValueError(f"a case with status {self.status!r} must not carry an ncu "
+                             "profile: only a case that passed its gate is profiled")
         return self
 
 
@@ -170,6 +284,7 @@ class Results(_FromHost):
     schema_version: int
     run_id: Annotated[str, Field(pattern=RUN_ID_PATTERN)]
     results: list[CaseResult]
+    ceilings: Ceilings | None = None
 
     @field_validator("schema_version")
     @classmethod
