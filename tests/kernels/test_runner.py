@@ -229,5 +229,7 @@ def test_run_job_on_the_gpu_times_with_events(tmp_path: Path):
     assert valid.manifest.provenance.device == "cuda"
     for result in results.results:
         assert result.status == "ok", result.error
-        assert result.timing.method == "cuda-events" and result.timing.l2_flushed
+        # Calls this small are shorter than 20 us: timed by replaying a CUDA graph.
+        assert result.timing.method in ("cuda-events", "cuda-graph") and result.timing.l2_flushed
         assert result.peak_extra_memory_bytes is not None and result.peak_extra_memory_bytes > 0
+        assert result.card_before.source in ("nvml", "nvidia-smi")

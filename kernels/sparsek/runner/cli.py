@@ -30,13 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     events_stream = _claim_stdout()
     _log_to_stderr()
     try:
-        job = _read_job(args.job)
+        job = read_job(args.job)
         device = resolve_device(job.device if args.device == "auto" else args.device)
-        _interpret_triton_on_cpu(device)
+        interpret_triton_on_cpu(device)
         run_job(job, args.out, run_id=args.run_id, host_alias=args.host_alias, device=device,
                 git_commit=args.git_commit,
                 git_dirty=None if args.git_dirty is None else args.git_dirty == "1",
-                image_digest=args.image_digest, on_event=json_lines(events_stream))
+                image_digest=args.image_digest, on_event=json_lines(events_stream),
+                ncu_path=args.ncu)
     except SparsekRemoteError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -63,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--git-commit", default=None)
     parser.add_argument("--git-dirty", choices=["0", "1"], default=None)
     parser.add_argument("--image-digest", default=None)
+    parser.add_argument("--ncu", default=None, metavar="PATH",
+                        help="the Nsight Compute CLI, when the job's ncu policy is on "
+                             "(default: ncu on PATH, then the usual install folders)")
     return parser
 
 
@@ -86,7 +90,9 @@ def _log_to_stderr() -> None:
     log.setLevel(logging.INFO)
 
 
-def _read_job(path: Path) -> JobSpec:
+def read_job(path: Path) -> JobSpec:
+    """The job from its JSON form (as the orchestrator writes it); ConfigError or
+    JobSpecError naming the file when it cannot be read or is not a valid job."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -98,7 +104,7 @@ def _read_job(path: Path) -> JobSpec:
     return parse_job(data, source=str(path))
 
 
-def _interpret_triton_on_cpu(device: str) -> None:
+def interpret_triton_on_cpu(device: str) -> None:
     # Triton kernels run on the CPU only through its interpreter, chosen when the
     # kernels are defined; set it before they are imported, unless the caller chose.
     if device == "cpu" and "TRITON_INTERPRET" not in os.environ:

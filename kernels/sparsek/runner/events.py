@@ -4,7 +4,10 @@
     {"event": "case_start", "case": ..., "implementation": ..., "index": i, "total": N}
     {"event": "case_done", "case": ..., "implementation": ..., "index": i, "total": N,
      "status": "ok" | "gate_failed" | "error" | "skipped", "median_ms": float | null,
-     "rel_error": float | null}
+     "rel_error": float | null, "throttled": bool | null}
+    {"event": "profile_start", "case": ..., "implementation": ..., "index": i, "total": M}
+    {"event": "profile_done", "case": ..., "implementation": ..., "index": i, "total": M,
+     "ok": bool, "error": str | null}
     {"event": "done", "failed": ["case/implementation", ...], "counts": {"ok": n, ...}}
 
 ``index`` counts from 0. ``failed`` lists the pairs whose gate failed or that raised;
@@ -39,7 +42,19 @@ def case_done(result: CaseResult, index: int, total: int) -> Event:
     rel_error = result.gate.rel_error if result.gate is not None else None
     return {"event": "case_done", "case": result.case, "implementation": result.implementation,
             "index": index, "total": total, "status": result.status, "median_ms": median,
-            "rel_error": rel_error}
+            "rel_error": rel_error, "throttled": result.throttled}
+
+
+def profile_start(case: str, implementation: str, index: int, total: int) -> Event:
+    return {"event": "profile_start", "case": case, "implementation": implementation,
+            "index": index, "total": total}
+
+
+def profile_done(result: CaseResult, index: int, total: int) -> Event:
+    error = result.ncu.error if result.ncu is not None else "not profiled"
+    return {"event": "profile_done", "case": result.case,
+            "implementation": result.implementation, "index": index, "total": total,
+            "ok": error is None, "error": error}
 
 
 def done(results: list[CaseResult]) -> Event:

@@ -19,14 +19,18 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from sparsek.runner import events
+from sparsek.runner import cardstate, events
 from sparsek.runner.bundle import prepare_out_dir, write_manifest, write_results
+from sparsek.runner.cardstate import CardReader
+from sparsek.runner.ceilings import measure_ceilings
 from sparsek.runner.events import EventSink
 from sparsek.runner.gate import check
 from sparsek.runner.implementations import BackendUnavailable, prepare
 from sparsek.runner.inputs import make_inputs
 from sparsek.runner.metrics import case_bytes, case_flops, rates
+from sparsek.runner.ncu import profile_results
 from sparsek.runner.provenance import collect
+from sparsek.runner.rotation import rotation_calls
 from sparsek.runner.timing import measure, peak_extra_memory
 from sparsek_remote.errors import ConfigError, RunnerError
 from sparsek_remote.jobspec import Case, JobSpec, SdpaImpl, SparsekImpl
@@ -69,16 +73,19 @@ class _Progress:
 
 
 def run_case(job: JobSpec, case: Case, impl: SparsekImpl | SdpaImpl, device: str,
-             log: logging.Logger) -> CaseResult:
+             log: logging.Logger, *, card: CardReader | None = None) -> CaseResult:
     """Gate, then time, one implementation on one case, on ``device`` ("cuda" or "cpu",
     as ``resolve_device`` gives). Never raises for a failure of the case itself (it
     becomes status "error", a backend absent here "skipped"), so one bad case never
-    loses a job; ``log`` gets the verdict and any traceback."""
-    base = {"case": case.name, "implementation": impl.label,
+    loses a job; ``log`` gets the verdict and any traceback. ``card`` reads the card's
+    state around the timing (default: a reader opened for this case alone)."""
+    base = {"case": case.name, "implementation": impl.label, "input_seed": case.seed,
             "flops": float(case_flops(case, impl)), "bytes": float(case_bytes(case, impl))}
     progress = _Progress()
+    own_card = card is None
+    reader = cardstate.open_reader(device, _nvml_index(device)) if own_card else card
     try:
-        result = _gate_then_time(job, case, impl, device, log, base, progress)
+        result = _gate_then_time(job, case, impl, device, log, base, progress, reader)
     except BackendUnavailable as exc:
         result = CaseResult(status="skipped", error=str(exc), **base)
     except Exception as exc:
@@ -86,12 +93,16 @@ def run_case(job: JobSpec, case: Case, impl: SparsekImpl | SdpaImpl, device: str
                   traceback.format_exc().rstrip())
         result = CaseResult(status="error", gate=progress.gate,
                             error=_error_text(exc, progress.stage), **base)
+    finally:
+        if own_card:
+            reader.close()
     _log_verdict(log, result)
     return result
 
 
 def _gate_then_time(job: JobSpec, case: Case, impl: SparsekImpl | SdpaImpl, device: str,
-                    log: logging.Logger, base: dict, progress: _Progress) -> CaseResult:
+                    log: logging.Logger, base: dict, progress: _Progress,
+                    card: CardReader) -> CaseResult:
     inputs = make_inputs(case, device)
     progress.stage = "preparing the implementation"
     prepared = prepare(impl, case, inputs, device, log)
@@ -100,13 +111,31 @@ def _gate_then_time(job: JobSpec, case: Case, impl: SparsekImpl | SdpaImpl, devi
     progress.gate = gate
     if not gate.passed:
         return CaseResult(status="gate_failed", gate=gate, **base)
+    progress.stage = "copying the inputs for rotation"
+    rotation = rotation_calls(impl, case, inputs, device, job.timing)
     progress.stage = "timing"
-    timing = measure(prepared.call, job.timing, device)
+    before = card.read()
+    timing = measure(prepared.call, job.timing, device, rotation=rotation)
+    after = card.read()
+    del rotation
+    throttled, why = cardstate.throttle_verdict(before, after)
     progress.stage = "measuring memory"
     peak = peak_extra_memory(prepared.call, device)
     tflops, gbps = rates(int(base["flops"]), int(base["bytes"]), timing.stats.median_ms)
     return CaseResult(status="ok", gate=gate, timing=timing, tflops=tflops, gbps=gbps,
-                      peak_extra_memory_bytes=peak, **base)
+                      peak_extra_memory_bytes=peak, card_before=before, card_after=after,
+                      throttled=throttled, throttle_detail=why, **base)
+
+
+def _nvml_index(device: str) -> int:
+    """NVML's number for the current GPU, which differs from CUDA's under
+    CUDA_VISIBLE_DEVICES; 0 when PyTorch cannot say."""
+    if device != "cuda":
+        return 0
+    try:
+        return int(torch.cuda._get_nvml_device_index(torch.cuda.current_device()))
+    except (AttributeError, RuntimeError, ValueError):
+        return 0
 
 
 def _error_text(exc: BaseException, stage: str) -> str:
@@ -119,10 +148,15 @@ def _error_text(exc: BaseException, stage: str) -> str:
 def _log_verdict(log: logging.Logger, result: CaseResult) -> None:
     name = f"{result.case}/{result.implementation}"
     if result.status == "ok" and result.timing is not None and result.gate is not None:
-        stats = result.timing.stats
-        log.info("%s: ok, median %.4f ms [95%% CI %.4f, %.4f] over %d samples, rel_error %.2e",
-                 name, stats.median_ms, stats.ci95_low_ms, stats.ci95_high_ms, stats.n,
-                 result.gate.rel_error)
+        timing, stats = result.timing, result.timing.stats
+        log.info("%s: ok, median %.4f ms [95%% CI %.4f, %.4f] over %d samples (%s, stop: %s, "
+                 "%d input set(s)), rel_error %.2e", name, stats.median_ms, stats.ci95_low_ms,
+                 stats.ci95_high_ms, stats.n, timing.method, timing.stop_reason,
+                 timing.rotation_sets, result.gate.rel_error)
+        if timing.graph_fallback:
+            log.warning("%s: %s", name, timing.graph_fallback)
+        if result.throttled:
+            log.warning("%s: THROTTLED during the timing: %s", name, result.throttle_detail)
     elif result.status == "gate_failed" and result.gate is not None:
         log.warning("%s: GATE FAILED, not timed: %s", name, result.gate.message)
     elif result.status == "skipped":
@@ -133,13 +167,16 @@ def _log_verdict(log: logging.Logger, result: CaseResult) -> None:
 
 def run_job(job: JobSpec, out_dir: Path | str, *, run_id: str, host_alias: str,
             device: str = "auto", git_commit: str | None = None, git_dirty: bool | None = None,
-            image_digest: str | None = None, on_event: EventSink | None = None) -> Results:
+            image_digest: str | None = None, on_event: EventSink | None = None,
+            ncu_path: str | None = None) -> Results:
     """Run every (case, implementation) pair of ``job`` and write the bundle to ``out_dir``.
 
     ``device`` "auto" defers to the job's own ``device`` field (itself "auto" by
     default: the GPU when there is one). Raises ConfigError for bad arguments or a
     non-empty ``out_dir`` and RunnerError when the job cannot run at all; a failure of
-    one case is recorded in its result instead. The manifest is written last.
+    one case is recorded in its result instead. After every pair is timed, the pairs
+    the job's ncu policy names are profiled with Nsight Compute (``ncu_path``, or
+    found on PATH). The manifest is written last.
     """
     emit = on_event or (lambda event: None)
     _check_run_id(run_id)
@@ -148,9 +185,20 @@ def run_job(job: JobSpec, out_dir: Path | str, *, run_id: str, host_alias: str,
     folder = prepare_out_dir(Path(out_dir))
     log, handler, previous_level = _open_log(folder)
     try:
-        _log_start(log, run_id, job, provenance)
-        results = Results(schema_version=SCHEMA_VERSION, run_id=run_id,
-                          results=_run_pairs(job, resolved, log, emit, run_id))
+        card = cardstate.open_reader(resolved, _nvml_index(resolved))
+        try:
+            provenance = provenance.model_copy(update={"card": card.read()})
+            _log_start(log, run_id, job, provenance)
+            ceilings = (measure_ceilings(resolved, {c.dtype for c in job.cases}, log)
+                        if job.timing.measure_ceilings else None)
+            pairs = _run_pairs(job, resolved, log, emit, run_id, card)
+        finally:
+            card.close()
+        if job.ncu.enabled:
+            _release_memory(resolved)
+            pairs = profile_results(job, pairs, folder, resolved, log, emit, ncu_path=ncu_path)
+        results = Results(schema_version=SCHEMA_VERSION, run_id=run_id, results=pairs,
+                          ceilings=ceilings)
         write_results(folder, results)
         log.info("results written; %s", events.done(results.results)["counts"])
     finally:
@@ -168,6 +216,12 @@ def _log_start(log: logging.Logger, run_id: str, job: JobSpec, where: Provenance
     log.info("python %s, torch %s, triton %s, sparsek-remote %s, commit %s%s", where.python_version,
              where.torch_version, where.triton_version, where.package_version, where.git_commit,
              " (dirty)" if where.git_dirty else "")
+    if where.card is not None:
+        c = where.card
+        log.info("card (%s): SM %s MHz of %s, memory %s MHz, %s C, %s W of %s W, reasons %s%s",
+                 c.source, c.sm_clock_mhz, c.max_sm_clock_mhz, c.memory_clock_mhz,
+                 c.temperature_c, c.power_w, c.power_limit_w, c.throttle_reasons or "none",
+                 f" ({c.note})" if c.note else "")
     if where.device == "cpu":
         # Timings here are CPU wall-clock times; say how Triton ran, since that decides
         # whether the Triton cases can run at all.
@@ -176,7 +230,7 @@ def _log_start(log: logging.Logger, run_id: str, job: JobSpec, where: Provenance
 
 
 def _run_pairs(job: JobSpec, device: str, log: logging.Logger, emit: EventSink,
-               run_id: str) -> list[CaseResult]:
+               run_id: str, card: CardReader) -> list[CaseResult]:
     pairs = [(case, impl) for case in job.cases for impl in job.implementations]
     emit(events.start(run_id, device, len(pairs)))
     results = []
@@ -186,7 +240,7 @@ def _run_pairs(job: JobSpec, device: str, log: logging.Logger, emit: EventSink,
                  len(pairs), case.name, impl.label, case.B, case.Hq, case.Hkv, case.S, case.D,
                  case.dtype, "causal" if case.causal else "non-causal", case.kv_budget,
                  case.window, case.seed)
-        result = run_case(job, case, impl, device, log)
+        result = run_case(job, case, impl, device, log, card=card)
         _release_memory(device)
         results.append(result)
         emit(events.case_done(result, index, len(pairs)))

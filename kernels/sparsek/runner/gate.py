@@ -79,9 +79,23 @@ def check(policy: CorrectnessPolicy, case: Case, impl: SparsekImpl | SdpaImpl,
 
 def _run(prepared: Prepared, inputs: Inputs) -> torch.Tensor:
     if prepared.call_into is None:
+        _poison_cached_block(inputs.q)
         return prepared.call()
     poisoned = torch.full_like(inputs.q, float("nan"))
     return prepared.call_into(poisoned)
+
+
+def _poison_cached_block(like: torch.Tensor) -> None:
+    """Leave a NaN-filled block of the output's size in PyTorch's CUDA cache.
+
+    An implementation without ``out=`` allocates its output, and the caching
+    allocator hands back a cached block that fits: without this, that block could
+    hold a correct result from an earlier call (another backend on the same case),
+    and an implementation that wrote nothing would pass. On the CPU freed
+    memory is not cached this way, so there is nothing to do.
+    """
+    if like.device.type == "cuda":
+        torch.full_like(like, float("nan"))
 
 
 def _oracles(impl: SparsekImpl | SdpaImpl) -> tuple[Rows, Rows]:

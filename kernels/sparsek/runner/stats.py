@@ -16,6 +16,9 @@ from collections.abc import Sequence
 from sparsek_remote.schema import Stats
 
 CONFIDENCE = 0.95
+# The fewest samples whose order statistics can bound the median with 95% (for five,
+# even the whole range covers it only with 1 - 2^-4 = 93.75%).
+CI_MIN_SAMPLES = 6
 
 
 def summarize(samples_ms: Sequence[float]) -> Stats:
@@ -37,6 +40,22 @@ def summarize(samples_ms: Sequence[float]) -> Stats:
         ci95_low_ms=low,
         ci95_high_ms=high,
     )
+
+
+def relative_ci(samples_ms: Sequence[float]) -> float:
+    """How far the median's 95% confidence interval reaches from the median, as a
+    fraction of it: ``max(median - low, high - median) / median``. The larger side is
+    taken because the interval is not symmetric. Infinite below CI_MIN_SAMPLES
+    samples, where there is no 95% interval, and for a zero median with any spread."""
+    if len(samples_ms) < CI_MIN_SAMPLES:
+        return math.inf
+    ordered = sorted(float(s) for s in samples_ms)
+    median = statistics.median(ordered)
+    low, high = median_confidence_interval(ordered)
+    reach = max(median - low, high - median)
+    if median <= 0:
+        return 0.0 if reach == 0 else math.inf
+    return reach / median
 
 
 def quantile(ordered: Sequence[float], p: float) -> float:

@@ -1,101 +1,77 @@
-"""Timing of one prepared call: warm-up, then samples until enough or time is up.
+"""Timing of one prepared call: warm-up, then rounds of samples until the median is
+known well enough, the sample cap is reached or the time budget is spent.
 
-On CUDA each sample is a pair of CUDA events around one call, with the L2 cache
-flushed before it (outside the events) so a small problem is not timed from a warm
-cache it would not have inside a model. On the CPU each sample is a wall-clock
-interval around one call. Every sample is kept, so a report can show the spread.
+On CUDA (see cuda_timing) each sample is a pair of CUDA events around one call with
+the L2 flushed before it, or, for calls too short for that, one replay of a CUDA
+graph of many calls. On the CPU each sample is a wall-clock interval around one call.
+Calls cycle over the input sets given (the original and copies at other addresses).
+Every sample is kept, so a report can show the spread.
 """
 
 from __future__ import annotations
 
-import math
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
-from sparsek.runner.stats import summarize
+from sparsek.runner.sampling import round_size, stop_reason
+from sparsek.runner.stats import relative_ci, summarize
 from sparsek_remote.jobspec import TimingPolicy
 from sparsek_remote.schema import Timing
 
-L2_FLUSH_BYTES = 256 * 2**20  # larger than the L2 of any current GPU (H100: 50 MiB)
-MIN_SAMPLES = 3
-
 Call = Callable[[], object]
+TakeSamples = Callable[[int], list[float]]
 
 
-def measure(call: Call, policy: TimingPolicy, device: str) -> Timing:
-    """Warm up, take samples and summarize them."""
+def measure(call: Call, policy: TimingPolicy, device: str, *,
+            rotation: Sequence[Call] = ()) -> Timing:
+    """Warm up, take samples and summarize them. ``rotation`` holds the same call on
+    other copies of the inputs; samples cycle over ``call`` and those."""
+    calls = [call, *rotation]
     if device == "cuda":
-        samples, method, flushed = _cuda_samples(call, policy), "cuda-events", policy.flush_l2
-    else:
-        samples, method, flushed = _wall_clock_samples(call, policy), "wall-clock", False
-    return Timing(method=method, device=device, warmup=policy.warmup, l2_flushed=flushed,
-                  samples_ms=samples, stats=summarize(samples))
+        from sparsek.runner.cuda_timing import measure_cuda
+
+        return measure_cuda(calls, policy)
+    samples, reason = _wall_clock_samples(calls, policy)
+    return Timing(method="wall-clock", device=device, warmup=policy.warmup, l2_flushed=False,
+                  samples_ms=samples, stats=summarize(samples), rotation_sets=len(calls),
+                  stop_reason=reason, target_ci_rel=policy.target_ci_rel)
 
 
-def _wall_clock_samples(call: Call, policy: TimingPolicy) -> list[float]:
+def collect(take: TakeSamples, policy: TimingPolicy, *, taken: Sequence[float] = (),
+            started: float | None = None) -> tuple[list[float], str]:
+    """Call ``take(k)`` for rounds of k new samples (ms) until sampling.stop_reason
+    says stop; returns every sample and that reason. ``taken`` are samples already
+    made since ``started`` (a perf_counter reading; default now)."""
+    samples = list(taken)
+    begin = time.perf_counter() if started is None else started
+    while True:
+        elapsed = time.perf_counter() - begin
+        reason = stop_reason(len(samples), relative_ci(samples), elapsed, policy)
+        if reason is not None:
+            return samples, reason
+        # What a sample costs in wall time, overheads included, sizes the next round.
+        per_sample = elapsed / len(samples) if samples else 0.0
+        samples += take(round_size(len(samples), per_sample, elapsed, policy))
+
+
+def _wall_clock_samples(calls: list[Call], policy: TimingPolicy) -> tuple[list[float], str]:
+    cycle = itertools.cycle(calls)
     for _ in range(policy.warmup):
-        call()
-    samples: list[float] = []
-    started = time.perf_counter()
-    while len(samples) < policy.repetitions:
-        begin = time.perf_counter()
-        call()
-        end = time.perf_counter()
-        samples.append((end - begin) * 1e3)
-        if len(samples) >= MIN_SAMPLES and end - started >= policy.max_seconds:
-            break
-    return samples
+        next(cycle)()
 
+    def take(k: int) -> list[float]:
+        out = []
+        for _ in range(k):
+            call = next(cycle)
+            begin = time.perf_counter()
+            call()
+            out.append((time.perf_counter() - begin) * 1e3)
+        return out
 
-def _cuda_samples(call: Call, policy: TimingPolicy) -> list[float]:
-    flush = _l2_flusher(policy.flush_l2)
-    for _ in range(policy.warmup):
-        flush()
-        call()
-    torch.cuda.synchronize()
-    # One synchronized sample measures what a whole iteration costs (flush included),
-    # which fixes how many fit in max_seconds; the rest are queued without waiting,
-    # so the host never stalls the GPU between samples.
-    begin = time.perf_counter()
-    first = _event_pair(call, flush)
-    first[1].synchronize()
-    per_iteration = time.perf_counter() - begin
-    planned = _planned_samples(per_iteration, policy)
-    pairs = [first]
-    started = time.perf_counter()
-    while len(pairs) < planned:
-        if len(pairs) >= MIN_SAMPLES and time.perf_counter() - started >= policy.max_seconds:
-            break
-        pairs.append(_event_pair(call, flush))
-    torch.cuda.synchronize()
-    return [start.elapsed_time(end) for start, end in pairs]
-
-
-def _planned_samples(per_iteration_s: float, policy: TimingPolicy) -> int:
-    if per_iteration_s <= 0:
-        return policy.repetitions
-    fits = math.floor(policy.max_seconds / per_iteration_s)
-    return max(MIN_SAMPLES, min(policy.repetitions, fits))
-
-
-def _event_pair(call: Call, flush: Callable[[], None]
-                ) -> tuple[torch.cuda.Event, torch.cuda.Event]:
-    start = torch.cuda.Event(enable_timing=True)
-    end = torch.cuda.Event(enable_timing=True)
-    flush()
-    start.record()
-    call()
-    end.record()
-    return start, end
-
-
-def _l2_flusher(enabled: bool) -> Callable[[], None]:
-    if not enabled:
-        return lambda: None
-    buffer = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
-    return buffer.zero_
+    return collect(take, policy)
 
 
 def peak_extra_memory(call: Call, device: str) -> int | None:
