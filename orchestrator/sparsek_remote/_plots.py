@@ -1,5 +1,6 @@
-"""The report's PNG charts: latency, speedup and TFLOP/s of one bundle, and the
-changes between two runs.
+"""The report's PNG charts: latency, speedup and TFLOP/s of one bundle, its roofline
+(with Nsight Compute's points where there are profiles), and the changes between two
+runs.
 
 Figures are built as ``matplotlib.figure.Figure`` on an Agg canvas instead of through
 pyplot, so drawing a report never switches the backend or leaves figures open in a
@@ -20,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from sparsek_remote.schema import CaseResult
+from sparsek_remote.schema import CaseResult, Ceilings
 
 DPI = 110
 # A spread of values wider than this is drawn on a log axis, so that a 50 us case
@@ -92,6 +93,96 @@ def bundle_charts(results: list[CaseResult], *, tag: str, where: str,
                "no timed case reports TFLOP/s", title=f"Throughput\n{where}",
                ylabel="TFLOP/s"),
     ]
+
+
+@dataclass(frozen=True)
+class RoofPoint:
+    """One (case, implementation) on the roofline: arithmetic intensity in FLOP per
+    byte of DRAM traffic and the rate in TFLOP/s. ``source`` "timing" uses the fewest
+    bytes that must move and the timed median; "ncu" the DRAM bytes and kernel time
+    Nsight Compute measured."""
+
+    label: str
+    series: str
+    intensity: float
+    tflops: float
+    source: str
+
+
+def roof_points(results: Sequence[CaseResult]) -> list[RoofPoint]:
+    """The timing point of every timed result and the ncu point of every profiled one."""
+    points = []
+    for r in results:
+        if timed_median(r) is None:
+            continue
+        if r.tflops and r.bytes > 0:
+            points.append(RoofPoint(r.case, r.implementation, r.flops / r.bytes, r.tflops,
+                                    "timing"))
+        m = r.ncu.metrics if r.ncu is not None else None
+        if m is not None and m.dram_bytes and m.duration_ns and r.flops > 0:
+            points.append(RoofPoint(r.case, r.implementation, r.flops / m.dram_bytes,
+                                    r.flops / (m.duration_ns * 1e-9) / 1e12, "ncu"))
+    return points
+
+
+def roofline(results: Sequence[CaseResult], ceilings: Ceilings | None, *, dtypes: Sequence[str],
+             tag: str, where: str) -> Chart | None:
+    """The bundle's roofline chart; None (no chart, nothing said) for a bundle with
+    neither measured ceilings nor ncu profiles, as written before either existed."""
+    points = roof_points(results)
+    profiled = any(p.source == "ncu" for p in points)
+    if ceilings is None and not profiled:
+        return None
+    filename = f"roofline-{tag}.png"
+    if not points:
+        return Chart(filename, "roofline", None, "no case was timed")
+    roofs = _roofs(ceilings, dtypes)
+    title = ("Roofline: hollow = timed median over the fewest bytes, filled = Nsight Compute"
+             f"\n{where}")
+    return Chart(filename, "roofline", roofline_chart(points, roofs, title=title))
+
+
+def _roofs(ceilings: Ceilings | None, dtypes: Sequence[str]) -> list[tuple[str, float, float]]:
+    if ceilings is None or not ceilings.copy_gbps:
+        return []
+    return [(d, peak, ceilings.copy_gbps) for d, peak in ceilings.matmul_tflops.items()
+            if d in dtypes and peak > 0]
+
+
+def roofline_chart(points: Sequence[RoofPoint], roofs: Sequence[tuple[str, float, float]], *,
+                   title: str) -> bytes:
+    """Log-log roofline: one roof per (dtype, matmul TFLOP/s, copy GB/s); points coloured
+    by series, hollow for timing, filled for ncu, labelled by case when few."""
+    fig = _figure(width_in=9.5, height_in=6.0)
+    ax = fig.add_subplot()
+    xs = [p.intensity for p in points]
+    ridges = [peak * 1e3 / gbps for _, peak, gbps in roofs]
+    lo, hi = min(xs + ridges) / 4, max(xs + ridges) * 4
+    grid = [lo * (hi / lo) ** (i / 200) for i in range(201)]
+    for dtype, peak, gbps in roofs:
+        ax.plot(grid, [min(peak, x * gbps / 1e3) for x in grid], color="black", linewidth=1,
+                linestyle="--" if dtype != roofs[0][0] else "-",
+                label=f"ceiling {dtype}: {peak:.4g} TFLOP/s, {gbps:.4g} GB/s")
+    colours = matplotlib.colormaps["tab10"]
+    for i, name in enumerate(_unique(p.series for p in points)):
+        for source, filled in (("timing", False), ("ncu", True)):
+            mine = [p for p in points if p.series == name and p.source == source]
+            if mine:
+                ax.scatter([p.intensity for p in mine], [p.tflops for p in mine], s=40,
+                           facecolors=colours(i % 10) if filled else "none",
+                           edgecolors=colours(i % 10), label=f"{name} ({source})")
+    if len(points) <= MAX_BAR_LABELS:
+        for p in points:
+            ax.annotate(_plain(p.label), (p.intensity, p.tflops), fontsize=7,
+                        xytext=(4, 2), textcoords="offset points", color="#444444")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOP / byte of DRAM traffic)")
+    ax.set_ylabel("TFLOP/s")
+    ax.set_title(_plain(title), fontsize=10)
+    ax.grid(which="both", alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _png(fig)
 
 
 def changes_chart(deltas: Sequence[Delta], *, filename: str, title: str) -> Chart:

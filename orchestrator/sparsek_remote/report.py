@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from sparsek_remote import _plots
+from sparsek_remote import _measurements, _plots
 from sparsek_remote._plots import Chart, timed_median
 from sparsek_remote.errors import ConfigError
 from sparsek_remote.jobspec import SdpaImpl
@@ -82,9 +82,13 @@ def write_report(runs: list[RunData], out_dir: Path, *, baseline: str | None = N
     sections: list[str] = []
     for run in runs:
         p = run.manifest.provenance
-        run_plots = _plots.bundle_charts(
-            run.results.results, tag=f"{run.run_id}-{run.host_alias}", baseline=base,
-            where=f"run {run.run_id} on {run.host_alias}, {p.device_name[:60]} ({p.device})")
+        tag, where = (f"{run.run_id}-{run.host_alias}",
+                      f"run {run.run_id} on {run.host_alias}, {p.device_name[:60]} ({p.device})")
+        run_plots = _plots.bundle_charts(run.results.results, tag=tag, baseline=base,
+                                         where=where)
+        roofline = _plots.roofline(run.results.results, run.results.ceilings, tag=tag,
+                                   where=where, dtypes=[c.dtype for c in run.manifest.job.cases])
+        run_plots += [roofline] if roofline is not None else []
         plots += run_plots
         sections.append(_run_section(run, base, run_plots))
     changes, comparison, change_plots = _comparison(runs, noise_floor)
@@ -161,6 +165,9 @@ def _run_section(run: RunData, base: str | None, plots: list[Chart]) -> str:
     parts = [f"## Run `{run.run_id}` on `{run.host_alias}`"]
     if run.manifest.provenance.device == "cpu":
         parts.append(f"> **{CPU_BANNER}**")
+    throttled = _measurements.throttle_banner(run.results.results)
+    if throttled:
+        parts.append(throttled)
     parts.append(_provenance_table(run))
     parts += [_case_section(run, case, base) for case in _cases(run)]
     parts += [plot.markdown() for plot in plots]
@@ -175,6 +182,9 @@ def _provenance_table(run: RunData) -> str:
             ("CUDA", p.cuda_version), ("torch", p.torch_version), ("triton", p.triton_version),
             ("git commit", _commit(p.git_commit, p.git_dirty)), ("image", p.image_digest),
             ("created at", run.manifest.created_at), ("timing", _timing_summary(run))]
+    rows += [(name, value) for name, value in (
+        ("card at start", _measurements.card_text(p.card)),
+        ("measured ceilings", _measurements.ceilings_text(run.results.ceilings))) if value]
     body = "\n".join(f"| {name} | {_md(value) if value else 'unknown'} |" for name, value in rows)
     return "| provenance | |\n|---|---|\n" + body
 
@@ -191,7 +201,13 @@ def _timing_summary(run: RunData) -> str:
     if not timed:
         return "no case was timed"
     t = timed[0]
-    return f"{t.method}, warmup {t.warmup}, L2 {'flushed' if t.l2_flushed else 'not flushed'}"
+    methods = " and ".join(dict.fromkeys(x.method for x in timed))
+    summary = f"{methods}, warmup {t.warmup}, L2 {'flushed' if t.l2_flushed else 'not flushed'}"
+    if any(x.stop_reason for x in timed):
+        policy = run.manifest.job.timing
+        summary += "; " + _measurements.timing_policy_text(
+            policy.target_ci_rel, policy.min_repetitions, policy.repetitions, policy.max_seconds)
+    return summary
 
 
 def _case_section(run: RunData, case: str, base: str | None) -> str:
@@ -209,7 +225,10 @@ def _case_section(run: RunData, case: str, base: str | None) -> str:
     rows = [_row(r, spec.Hq if spec else None, base_ms, base is not None) for r in results]
     table = _table(header, rows, numeric=range(2, len(header)))
     reasons = [f"- `{r.implementation}`: {_md(_reason(r))}" for r in results if r.status != "ok"]
-    return "\n\n".join([title, table, *(["\n".join(reasons)] if reasons else [])])
+    dense = [i.label for i in run.manifest.job.implementations if isinstance(i, SdpaImpl)]
+    measured = _measurements.case_tables(results, dtype=spec.dtype if spec else None,
+                                         ceilings=run.results.ceilings, dense=dense)
+    return "\n\n".join([title, table, *(["\n".join(reasons)] if reasons else []), *measured])
 
 
 def _row(result: CaseResult, hq: int | None, base_ms: float | None, speedup: bool) -> list[str]:
