@@ -16,25 +16,22 @@ import contextlib
 import errno
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO
 
 import paramiko
 
 from sparsek_remote.errors import RemoteError
 from sparsek_remote.remote import hostkeys
+from sparsek_remote.remote._channel import BytesSource, Watchdog, feed, pump
 from sparsek_remote.remote.commands import quote_argv, shown
 from sparsek_remote.settings import HostSettings
 
-CHUNK_BYTES = 256 * 1024
 # A larger window than paramiko's default keeps a long link busy while streaming.
 _WINDOW_BYTES = 16 * 2**20
-_STDERR_KEEP = 64 * 1024
-_READ_POLL_S = 0.5
 # The watchdog, not this, bounds how long opening a channel may take.
 _OPEN_WAIT_S = 3600.0
 _DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
@@ -77,64 +74,6 @@ class CommandResult:
 def disk_full_hint(remote_dir: str) -> str:
     return (f"the host's disk is full: free space under ~/{remote_dir} on the host "
             "(df -h shows where), then run again")
-
-
-class _Watchdog:
-    """Guards one operation. After ``silence_s`` without progress it asks
-    ``is_alive`` (which takes at most another ``silence_s``): a host that answers
-    buys another period, so a busy host is waited for and a cut link is not. A dead
-    link, or ``limit_s`` passed in all, calls ``on_expire`` once."""
-
-    def __init__(self, silence_s: float, on_expire: Callable[[], None], *,
-                 is_alive: Callable[[], bool] | None = None,
-                 limit_s: float | None = None) -> None:
-        self.silence_s = silence_s
-        self.limit_s = limit_s
-        self.reason: Literal["silence", "limit"] | None = None
-        self._on_expire = on_expire
-        self._is_alive = is_alive or (lambda: False)
-        now = time.monotonic()
-        self._deadline = now + silence_s
-        self._limit_at = now + limit_s if limit_s is not None else None
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    @property
-    def expired(self) -> bool:
-        return self.reason is not None
-
-    def kick(self) -> None:
-        self._deadline = time.monotonic() + self.silence_s
-
-    def _next_wait(self) -> float:
-        ends = [self._deadline] + ([self._limit_at] if self._limit_at is not None else [])
-        return max(0.0, min(ends) - time.monotonic())
-
-    def _watch(self) -> None:
-        while not self._done.wait(self._next_wait()):
-            now = time.monotonic()
-            if self._limit_at is not None and now >= self._limit_at:
-                self._expire("limit")
-                return
-            if now < self._deadline:
-                continue
-            if self._is_alive():
-                self.kick()
-            elif not self._done.is_set():
-                self._expire("silence")
-                return
-
-    def _expire(self, reason: Literal["silence", "limit"]) -> None:
-        self.reason = reason
-        self._on_expire()
-
-    def __enter__(self) -> _Watchdog:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
 
 
 class Connection:
@@ -193,7 +132,7 @@ class Connection:
         """Run ``argv`` (each word quoted) and collect its output. It may take as long
         as the host keeps answering, or ``limit`` seconds in all when given."""
         chunks: list[bytes] = []
-        source = _BytesSource(stdin) if stdin is not None else None
+        source = BytesSource(stdin) if stdin is not None else None
         result = self._exec(argv, what=what, limit=limit, source=source,
                             sink=chunks.append)
         full = CommandResult(self.alias, result.command, result.exit_code,
@@ -300,15 +239,15 @@ class Connection:
                 "private key", hint=f"check {env_name} and the key file") from None
 
     def _exec(self, argv: Sequence[str], *, what: str, limit: float | None,
-              source: BinaryIO | _BytesSource | None,
+              source: BinaryIO | BytesSource | None,
               sink: Callable[[bytes], object]) -> CommandResult:
         command = quote_argv(argv)
         stderr = bytearray()
         with self._translated(what, limit=limit) as dog:
             channel = self._live_transport(what).open_session(timeout=_OPEN_WAIT_S)
             channel.exec_command(command)
-            feeder = _feed(channel, source, dog) if source is not None else None
-            _pump(channel, sink, stderr, dog)
+            feeder = feed(channel, source, dog) if source is not None else None
+            pump(channel, sink, stderr, dog)
             exit_code = channel.recv_exit_status()
             if dog.expired:
                 raise TimeoutError()
@@ -328,11 +267,11 @@ class Connection:
 
     @contextmanager
     def _translated(self, what: str, *, limit: float | None = None,
-                    probe: bool = True) -> Iterator[_Watchdog]:
+                    probe: bool = True) -> Iterator[Watchdog]:
         """Guard an operation and translate anything paramiko or the socket layer
         raises into RemoteError. ``limit``: most seconds in all (None: while the host
         answers); ``probe``: ask a silent host whether it is still there."""
-        dog = _Watchdog(self.timeout_s, self._abort, limit_s=limit,
+        dog = Watchdog(self.timeout_s, self._abort, limit_s=limit,
                         is_alive=self._answers if probe else None)
         try:
             with dog:
@@ -368,7 +307,7 @@ class Connection:
             self._transport.close()
         self._transport = None
 
-    def _expired(self, what: str, dog: _Watchdog) -> RemoteError:
+    def _expired(self, what: str, dog: Watchdog) -> RemoteError:
         if dog.reason == "limit":
             return RemoteError(
                 f"host {self.alias!r}: {what} took longer than {dog.limit_s:g} s and was "
@@ -378,75 +317,6 @@ class Connection:
             "host is unreachable or the link is down",
             hint="check that the host is up and reachable; if the link is just slow, raise "
                  "timeouts.connect_s in the job")
-
-
-class _BytesSource:
-    def __init__(self, data: bytes) -> None:
-        self._data, self._pos = data, 0
-
-    def read(self, size: int) -> bytes:
-        chunk = self._data[self._pos:self._pos + size]
-        self._pos += len(chunk)
-        return chunk
-
-
-class _Feeder(threading.Thread):
-    """Writes a source into the channel's stdin, then closes it."""
-
-    def __init__(self, channel: paramiko.Channel, source: BinaryIO | _BytesSource,
-                 dog: _Watchdog) -> None:
-        super().__init__(daemon=True)
-        self.channel, self.source, self.dog = channel, source, dog
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            while chunk := self.source.read(CHUNK_BYTES):
-                self.channel.sendall(chunk)
-                self.dog.kick()
-            self.channel.shutdown_write()
-        except BaseException as exc:  # re-raised in the caller's thread
-            self.error = exc
-
-    def raise_if_failed(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-
-def _feed(channel: paramiko.Channel, source: BinaryIO | _BytesSource,
-          dog: _Watchdog) -> _Feeder:
-    feeder = _Feeder(channel, source, dog)
-    feeder.start()
-    return feeder
-
-
-def _pump(channel: paramiko.Channel, sink: Callable[[bytes], object], stderr: bytearray,
-          dog: _Watchdog) -> None:
-    """Move stdout to ``sink`` and keep stderr's tail until the command's output ends."""
-    channel.settimeout(_READ_POLL_S)
-    stdout_open = stderr_open = True
-    while stdout_open or stderr_open:
-        if stderr_open and (channel.recv_stderr_ready() or not stdout_open):
-            stderr_open = _take(channel.recv_stderr, stderr.extend, dog)
-            del stderr[:-_STDERR_KEEP]
-        if stdout_open:
-            stdout_open = _take(channel.recv, sink, dog)
-        if channel.closed and not channel.recv_ready() and not channel.recv_stderr_ready():
-            return
-
-
-def _take(recv: Callable[[int], bytes], sink: Callable[[bytes], object], dog: _Watchdog
-          ) -> bool:
-    """Read one chunk into ``sink``; False at end of stream."""
-    try:
-        data = recv(CHUNK_BYTES)
-    except TimeoutError:
-        return True
-    if not data:
-        return False
-    dog.kick()
-    sink(data)
-    return True
 
 
 def _translate(exc: BaseException, alias: str, host: HostSettings, what: str) -> RemoteError:

@@ -22,13 +22,12 @@ from sparsek_remote.workflow._remote_host import (
     EventSink,
     HostOutcome,
     RunContext,
-    WheelCache,
     attach_on_host,
-    build_wheels,
     fan_out,
     known_hosts_path,
     launch_on_host,
 )
+from sparsek_remote.workflow._wheels import WheelCache, build_wheels
 from sparsek_remote.workflow.local import git_state, make_report
 
 __all__ = ["DockerRunner", "HostOutcome", "RemoteOutcome", "build_wheels", "cancel_run",
