@@ -76,10 +76,16 @@ class RunBook:
         return cls(state_dir, load(state_dir, run_id))
 
     def set_stage(self, alias: str, stage: HostStage, detail: str = "") -> None:
+        self._update(alias, stage=stage, detail=detail[:500])
+
+    def set_kind(self, alias: str, kind: Literal["bare", "docker"]) -> None:
+        if self.record.hosts[alias].kind != kind:
+            self._update(alias, kind=kind)
+
+    def _update(self, alias: str, **changes: object) -> None:
         with self._lock:
             host = self.record.hosts[alias]
-            self.record.hosts[alias] = host.model_copy(update={"stage": stage,
-                                                               "detail": detail[:500]})
+            self.record.hosts[alias] = host.model_copy(update=changes)
             self._save_locked()
 
     def save(self) -> None:

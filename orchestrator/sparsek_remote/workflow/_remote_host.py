@@ -262,10 +262,7 @@ def _runner_for(ctx: RunContext, conn: remote.Connection, alias: str,
     kind = conn.host.kind
     if kind == "auto":
         kind = "docker" if ctx.docker_runner is not None and _has_docker(conn) else "bare"
-    record = ctx.book.record.hosts[alias]
-    if record.kind != kind:
-        ctx.book.record.hosts[alias] = record.model_copy(update={"kind": kind})
-        ctx.book.save()
+    ctx.book.set_kind(alias, kind)
     if kind == "docker":
         if ctx.docker_runner is None:
             raise RemoteError(f"host {alias!r} is a docker host, and this run has no image "
