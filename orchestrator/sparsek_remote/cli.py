@@ -18,11 +18,24 @@ from typing import Annotated, Any, Optional
 import typer
 from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from sparsek_remote import workflow
-from sparsek_remote.errors import ConfigError, GateFailed, RemoteError, SparsekRemoteError
+from sparsek_remote.errors import (
+    ConfigError,
+    GateFailed,
+    ImageError,
+    RemoteError,
+    SparsekRemoteError,
+)
 from sparsek_remote.jobspec import LOCAL_TARGET, JobSpec, job_json_schema, load_job
 from sparsek_remote.schema import Results, bundle_json_schemas
 from sparsek_remote.settings import Settings, load_settings
@@ -303,6 +316,171 @@ def trust(
         for alias, result in workflow.trust_hosts(_settings(), aliases, forget=forget,
                                                    timeout_s=timeout).items():
             out.print(f"{alias}: {result}", markup=False)
+
+
+# --- deploy: build the image, ship it, probe every host ---------------------------------
+
+
+@app.command(epilog="Exit code 6: the image could not be built or loaded; 5: a host failed "
+             "(the table and the message say which).")
+def deploy(
+    aliases: Annotated[Optional[list[str]], typer.Argument(  # noqa: UP045
+        help="Host aliases from .env; none: every configured host.")] = None,
+    ca_bundle: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="CA bundle (PEM) of a TLS-intercepting proxy; pip uses it during the build.")
+    ] = None,
+    wheels: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="Folder of wheels pip takes before any index (offline builds).")] = None,
+    builder_image: Annotated[str, typer.Option(help="Base of the build stage.")] = (
+        workflow.BuildOptions.builder_image),
+    runtime_image: Annotated[str, typer.Option(help="Base of the shipped image.")] = (
+        workflow.BuildOptions.runtime_image),
+    torch_index_url: Annotated[str, typer.Option(help="Where pip finds PyTorch.")] = (
+        workflow.BuildOptions.torch_index_url),
+    torch_spec: Annotated[str, typer.Option(help="Which PyTorch.")] = (
+        workflow.BuildOptions.torch_spec),
+    compression: Annotated[str, typer.Option(
+        help="gzip (for real links) or none (for very fast ones).")] = "gzip",
+    trust_new_host_key: Annotated[bool, typer.Option(
+        "--trust-new-host-key",
+        help="Record the key of a host never seen before (compare its fingerprint first).")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="Connect timeout in seconds.")] = 15.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+) -> None:
+    """Build the image (skipped when the tree is unchanged), send every docker host only
+    the layers it lacks, install bare hosts, and show what each host offers."""
+    with _handled(as_json):
+        if compression not in ("gzip", "none"):
+            raise ConfigError(f"--compression must be gzip or none, not {compression!r}")
+        options = workflow.BuildOptions(
+            builder_image=builder_image, runtime_image=runtime_image,
+            torch_index_url=torch_index_url, torch_spec=torch_spec, wheel_dir=wheels,
+            ca_bundle=ca_bundle)
+        settings = _settings()
+        try:
+            with _deploy_progress(disabled=as_json) as on_event:
+                outcome = workflow.deploy(
+                    settings, project_root=Path.cwd(), aliases=aliases or None,
+                    options=options, codec=compression,  # type: ignore[arg-type]
+                    trust_new_host_key=trust_new_host_key, connect_timeout_s=timeout,
+                    on_event=on_event)
+        except ImageError as exc:
+            if exc.build_log and not as_json:
+                err.print("last lines of the build:\n" + exc.build_log, markup=False)
+            raise
+        error = outcome.error()
+        if as_json:
+            out.print_json(data=_deploy_json(outcome, error))
+            if error is not None:
+                raise typer.Exit(error.exit_code)
+            return
+        out.print(_deploy_table(outcome))
+        if error is not None:
+            raise error
+
+
+@contextmanager
+def _deploy_progress(disabled: bool) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """A line for the build (its latest log line) and one per host (stage, bytes sent)."""
+    progress = Progress(SpinnerColumn(), TextColumn("{task.fields[name]:<10}"),
+                        TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
+                        disable=disabled, transient=True)
+    tasks: dict[str, Any] = {}
+    sent: dict[str, int] = {}
+
+    def task(name: str) -> Any:
+        if name not in tasks:
+            tasks[name] = progress.add_task("", total=None, name=name)
+        return tasks[name]
+
+    def on_event(event: dict[str, Any]) -> None:
+        kind, host = event.get("event"), str(event.get("host", ""))
+        if kind == "build_log":
+            progress.update(task("image"), description=str(event.get("line", ""))[:70])
+        elif kind == "build":
+            progress.update(task("image"), description=f"{event.get('state')} "
+                            f"{event.get('tag')}")
+        elif kind == "host":
+            progress.update(task(host), description=f"{event.get('state')} "
+                            f"{event.get('detail', '')}")
+        elif kind == "ship":
+            sent[host] = sent.get(host, 0) + int(event.get("bytes", 0))
+            progress.update(task(host), description=f"shipping {_size(sent[host])}")
+
+    with progress:
+        yield on_event
+
+
+def _deploy_table(outcome: workflow.DeployOutcome) -> Table:
+    image = outcome.image
+    title = (f"image {image.tag} ({'built' if image.built else 'unchanged'}, "
+             f"{image.image_id[:19]})")
+    table = Table("host", "kind", "GPU", "CC", "driver", "docker", "free disk", "ncu counters",
+                  "image", "status", title=title, box=box.SIMPLE_HEAD)
+    for alias, host in outcome.hosts.items():
+        checks = host.preflight
+        gpus = checks.gpus if checks else ()
+        table.add_row(
+            alias, host.kind or "-",
+            f"{len(gpus)}x {gpus[0].name}" if gpus else "none",
+            gpus[0].compute_capability if gpus else "-",
+            (gpus[0].driver + ("" if checks and checks.driver_ok else " (too old)"))
+            if gpus else "-",
+            (checks.docker_version or "no") if checks else "-",
+            _size(checks.free_disk_bytes) if checks and checks.free_disk_bytes else "-",
+            checks.ncu_counters(host.kind) if checks and host.kind else "-",
+            _shipped(host), _status(host))
+    return table
+
+
+def _shipped(host: workflow.HostDeployment) -> str:
+    if host.kind == "bare":
+        return f"wheels {host.wheels_tag}" if host.wheels_tag else "-"
+    if host.ship is None:
+        return "-"
+    if host.ship.wire_bytes == 0:
+        return "already there"
+    return (f"{host.ship.layers_sent}/{host.ship.layers_total} layers, "
+            f"{_size(host.ship.wire_bytes)}")
+
+
+def _status(host: workflow.HostDeployment) -> str:
+    if host.error is not None:
+        return "FAILED: " + host.error.message.splitlines()[0]
+    problems = host.problems()
+    return "ready" if not problems else "ready, but: " + "; ".join(problems)
+
+
+def _deploy_json(outcome: workflow.DeployOutcome, error: SparsekRemoteError | None
+                 ) -> dict[str, Any]:
+    hosts = {}
+    for alias, host in outcome.hosts.items():
+        checks = host.preflight
+        hosts[alias] = {
+            "ok": host.ok, "kind": host.kind, "image_id": host.image_id,
+            "ship": vars(host.ship) if host.ship else None, "wheels_tag": host.wheels_tag,
+            "seconds": round(host.seconds, 3), "problems": host.problems(),
+            "gpus": [vars(g) for g in checks.gpus] if checks else [],
+            "docker": checks.docker_version if checks else None,
+            "free_disk_bytes": checks.free_disk_bytes if checks else None,
+            "ncu_counters": checks.ncu_counters(host.kind) if checks and host.kind else None,
+            "error": host.error.message if host.error else None}
+    data: dict[str, Any] = {"image": {"tag": outcome.image.tag, "id": outcome.image.image_id,
+                                      "built": outcome.image.built}, "hosts": hosts}
+    if error is not None:
+        data["error"] = {"type": type(error).__name__, "message": error.message,
+                         "hint": error.hint, "exit_code": error.exit_code}
+    return data
+
+
+def _size(count: int | None) -> str:
+    value = float(count or 0)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
 
 
 @contextmanager

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -142,3 +144,141 @@ def remove_image(client, ref: str) -> None:
     """Remove ``ref`` if present, with its untagged parents (what `docker rmi` does)."""
     if images.image_info(client, ref) is not None:
         client.api.remove_image(ref, force=True)
+
+
+class ScratchDaemon:
+    """A second Docker daemon with its own data root, socket and network namespace: a
+    host that holds no image yet (images reach it through docker load alone)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.socket = folder / "docker.sock"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self, limit_s: float = DAEMON_START_TIMEOUT_S) -> ScratchDaemon:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / "dockerd.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                # Its own network namespace: with --bridge=none dockerd deletes the
+                # bridge docker0 it finds, which here would be the main daemon's.
+                ["unshare", "--net", "dockerd", "--data-root", str(self.folder / "data"),
+                 "--exec-root", str(self.folder / "exec"), "-H", self.url,
+                 "--pidfile", str(self.folder / "dockerd.pid"), "--bridge=none",
+                 "--iptables=false", "--ip-masq=false"],
+                stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("the scratch dockerd exited:\n" + self.log_tail())
+            if self.socket.exists() and self._answers():
+                return self
+            time.sleep(0.2)
+        raise RuntimeError("the scratch dockerd did not answer in time:\n" + self.log_tail())
+
+    def _answers(self) -> bool:
+        result = subprocess.run(["docker", "-H", self.url, "version"], capture_output=True,
+                                timeout=30)
+        return result.returncode == 0
+
+    def client(self):
+        import docker
+
+        return docker.DockerClient(base_url=self.url, timeout=600)
+
+    def log_tail(self) -> str:
+        path = self.folder / "dockerd.log"
+        return path.read_text(errors="replace")[-2000:] if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self.proc = None
+        shutil.rmtree(self.folder / "data", ignore_errors=True)
+
+
+class LoopbackSshd:
+    """sshd on 127.0.0.1 with keys made for it, whose sessions see ``DOCKER_HOST``
+    (so ``docker`` there is the scratch daemon) when one is given."""
+
+    def __init__(self, folder: Path, docker_host: str | None = None) -> None:
+        self.folder, self.docker_host = folder, docker_host
+        self.host_key = folder / "ssh_host_ed25519_key"
+        self.user_key = folder / "id_ed25519"
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> LoopbackSshd:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for key in (self.host_key, self.user_key):
+            if not key.exists():
+                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                               check=True, timeout=30)
+        (self.folder / "authorized_keys").write_text(
+            (self.folder / "id_ed25519.pub").read_text())
+        self.port = _free_port()
+        config = self.folder / "sshd_config"
+        config.write_text(
+            f"ListenAddress 127.0.0.1\nPort {self.port}\nHostKey {self.host_key}\n"
+            f"PidFile {self.folder / 'sshd.pid'}\n"
+            f"AuthorizedKeysFile {self.folder / 'authorized_keys'}\n"
+            "StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+            "UsePAM no\nPermitRootLogin prohibit-password\nLogLevel ERROR\n"
+            + (f"SetEnv DOCKER_HOST={self.docker_host}\n" if self.docker_host else ""))
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        with open(self.folder / "sshd.log", "ab") as log:
+            self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
+                                         stdout=log, stderr=log, start_new_session=True)
+        _wait_port(self.port, self.proc)
+        return self
+
+    def fingerprint(self) -> str:
+        out = subprocess.run(["ssh-keygen", "-l", "-E", "sha256", "-f", f"{self.host_key}.pub"],
+                             capture_output=True, text=True, check=True).stdout
+        return out.split()[1]
+
+    def host_settings(self, remote_dir: str = "sparsek-remote-test", kind: str = "auto"):
+        from sparsek_remote.settings import HostSettings
+
+        return HostSettings(address="127.0.0.1", port=self.port, user="root",
+                            key_path=self.user_key, host_key_fingerprint=self.fingerprint(),
+                            kind=kind, remote_dir=remote_dir)
+
+    def ssh_argv(self) -> list[str]:
+        """The system ssh client for this server (for baselines)."""
+        return ["ssh", "-i", str(self.user_key), "-p", str(self.port), "-o",
+                "StrictHostKeyChecking=no", "-o", f"UserKnownHostsFile={self.folder}/known",
+                "-o", "LogLevel=ERROR", "root@127.0.0.1"]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen, limit_s: float = 10.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"sshd exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"sshd does not listen on 127.0.0.1:{port}")
