@@ -29,6 +29,12 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Newton steps per threshold before the solver keeps its last point; a bracketed solve
 # on real data takes a handful, and the cap only bounds adversarial inputs.
 MAX_NEWTON = 100
+# Queries per selection program: small tiles, many programs per SM, so the solvers' short
+# dependent loads overlap across programs instead of stalling one large program.
+SELECT_ROWS = 16
+# Register slots for the scores that bend inside a block's threshold bracket (the causal
+# fast path); a block with more takes the generic path.
+SLOTS = 32
 
 
 @dataclass(frozen=True)
@@ -66,12 +72,12 @@ def default_config(q: torch.Tensor, group: int) -> ForwardConfig:
     seq_len, dim = q.shape[2], q.shape[3]
     heads = 1 if group == 1 else 2
     if not q.is_cuda:
-        return ForwardConfig(block_m=16, heads=heads, block_n=16, chunk=16,
+        return ForwardConfig(block_m=32, heads=heads, block_n=16, chunk=16,
                              num_warps=4, num_stages=1)
     rows = 128 if dim > 64 else 64
     block_m = max(16, min(rows // heads, triton.next_power_of_2(seq_len)))
     warps = 8 if heads * block_m >= 128 else 4
-    return ForwardConfig(block_m=block_m, heads=heads, block_n=64, chunk=256,
+    return ForwardConfig(block_m=block_m, heads=heads, block_n=64, chunk=1024,
                          num_warps=warps, num_stages=2)
 
 
@@ -98,10 +104,11 @@ def _select_causal(scores, z, sp, rank, budget, window, cfg) -> Selection:
         z, sp, lists, bf, bi, seq_len, nbnd, budget, window, MAX_NEWTON,
         BM=cfg.block_m, CH=cfg.chunk, num_warps=4)
     tau, rk, cnt = _per_query(scores)
-    sparsek_block_causal_fwd_kernel[(nblk, bh)](
+    sub = min(cfg.block_m, SELECT_ROWS)
+    sparsek_block_causal_fwd_kernel[(nblk * (cfg.block_m // sub), bh)](
         z, sp, rank, scores, lists, bf, bi, tau, rk, cnt, seq_len, nbnd, budget, window,
-        MAX_NEWTON, BM=cfg.block_m, CHX=64, LOGK=budget.bit_length(),
-        num_warps=_tile_warps(cfg.block_m * cfg.block_m))
+        MAX_NEWTON, BM=cfg.block_m, BQ=sub, NS=SLOTS, CHX=64, LOGK=budget.bit_length(),
+        num_warps=4)
     return Selection(lists, rank, tau, rk, cnt)
 
 
@@ -113,19 +120,14 @@ def _select_noncausal(scores, z, sp, rank, budget, window, cfg) -> Selection:
     zpre = torch.zeros((bh, seq_len + 1), dtype=torch.float64, device=dev)
     torch.cumsum(z.double(), dim=1, out=zpre[:, 1:])
     tau, rk, cnt = _per_query(scores)
-    sparsek_block_noncausal_fwd_kernel[(nblk, bh)](
+    sub = min(cfg.block_m, SELECT_ROWS)
+    sparsek_block_noncausal_fwd_kernel[(nblk * (cfg.block_m // sub), bh)](
         z, sp, rank, zpre, scores, lists, tau, rk, cnt, seq_len, nblk, budget, window,
-        MAX_NEWTON, seq_len.bit_length(), BM=cfg.block_m,
+        MAX_NEWTON, seq_len.bit_length(), BM=cfg.block_m, BQ=sub,
         NW=max(16, triton.next_power_of_2(2 * window - 1)),
         NR=max(16, triton.next_power_of_2(cfg.block_m + 2 * window - 2)),
-        CH=cfg.chunk, num_warps=_tile_warps(cfg.block_m * max(64, 2 * window)))
+        CH=min(cfg.chunk, 256), num_warps=4)
     return Selection(lists, rank, tau, rk, cnt)
-
-
-def _tile_warps(elements: int) -> int:
-    """Warps for a selection kernel whose largest tiles hold ``elements`` values: about
-    16 per thread, so the [BM, BM] tiles stay in registers."""
-    return max(4, min(16, elements // 512))
 
 
 def _per_query(scores: torch.Tensor):

@@ -29,19 +29,38 @@ import triton.language as tl
 
 
 @triton.jit
+def _ulps(lo, hi):
+    """About two float32 ulps at the bracket's scale: narrower brackets are resolved."""
+    return tl.maximum(tl.maximum(tl.abs(lo), tl.abs(hi)) * 2.4e-7, 1e-30)
+
+
+@triton.jit
+def _outward(lo, hi):
+    """Widen a bracket by about two ulps each way: its ends come from float32 arithmetic
+    (``fl((z_K - 1) + 1)`` can exceed ``z_K``), and an end that is off by rounding would
+    leave the root outside, where the safeguard could only crawl towards it."""
+    pad = _ulps(lo, hi)
+    return lo - pad, hi + pad
+
+
+@triton.jit
 def _newton_step(t, f, nmid, lo, hi, K):
-    """One safeguarded step from t (f = f(t), nmid = -slope there) -> (next t, lo, hi, newton).
+    """One safeguarded step from t (f = f(t), nmid = -slope there)
+    -> (next t, lo, hi, newton, settled).
 
     The bracket [lo, hi] keeps f(lo) >= K >= f(hi); a Newton point outside it, or a flat
     piece, falls back to bisection. ``newton`` says the step was a Newton step, which makes
-    the next point the exact root if it lands on the same piece.
+    the next point the exact root if it lands on the same piece. ``settled``: the Newton
+    step is below float32 resolution at t, so t already is the root to float32 rounding
+    (this happens at a bracket end that is itself the root, where bisection would crawl).
     """
     lo = tl.where(f > K, t, lo)
     hi = tl.where(f < K, t, hi)
     tn = (t.to(tl.float64) + (f - K) / tl.maximum(nmid, 1).to(tl.float64)).to(tl.float32)
+    settled = ((nmid > 0) & (tn == t)) | (hi - lo <= _ulps(lo, hi))
     newton = (nmid > 0) & (tn > lo) & (tn < hi)
     mid = lo + (hi - lo) * 0.5
-    return tl.where(newton, tn, mid), lo, hi, newton
+    return tl.where(newton, tn, mid), lo, hi, newton, settled
 
 
 @triton.jit
@@ -51,6 +70,7 @@ def _move_cursor(z_ptr, sp_ptr, row, c, cnt, acc, t, P, S, STRICT: tl.constexpr,
     keeping the count and float64 sum of base members (position <= P) among them."""
     o_ch = tl.arange(0, CH)
     go = c >= 0
+    moved = c < 0
     while go:  # forward: take ranks that now satisfy the condition
         o = c + o_ch
         m_in = o < S
@@ -65,8 +85,10 @@ def _move_cursor(z_ptr, sp_ptr, row, c, cnt, acc, t, P, S, STRICT: tl.constexpr,
         acc += tl.sum(tl.where(m_base, b_z, 0.0).to(tl.float64), axis=0)
         n_take = tl.sum(m_take.to(tl.int32), axis=0)
         c += n_take
+        moved = moved | (n_take > 0)
         go = n_take == CH
-    go = c > 0
+    # A cursor that moved forward already satisfies the condition below it.
+    go = (c > 0) & (moved == 0)
     while go:  # backward: drop ranks that no longer satisfy it
         o = c - CH + o_ch
         m_in = o >= 0
@@ -146,8 +168,7 @@ def sparsek_boundary_fwd_kernel(
 def _boundary_threshold(z_ptr, sp_ptr, row, z_k, P, S, K, MAXIT, CH: tl.constexpr):
     """Exact tau of the base [0, P] (more than K members, K-th best score z_k)."""
     t = z_k
-    lo = z_k - 1.0
-    hi = z_k
+    lo, hi = _outward(z_k - 1.0, z_k)
     zero = (P * 0).to(tl.int32)
     c1, n1, s1 = zero, zero, zero.to(tl.float64)
     c2, n2, s2 = zero, zero, zero.to(tl.float64)
@@ -164,9 +185,9 @@ def _boundary_threshold(z_ptr, sp_ptr, row, z_k, P, S, K, MAXIT, CH: tl.constexp
         f = n2.to(tl.float64) + d
         d_mid = d.to(tl.float32)
         done = (newton & (n2 == prev_a) & (n == prev_n)) | (f == K) | (it >= MAXIT)
-        t_next, lo, hi, newton = _newton_step(t, f, n, lo, hi, K)
+        t_next, lo, hi, newton, settled = _newton_step(t, f, n, lo, hi, K)
         # Bisection that cannot move any more means lo and hi are adjacent floats.
-        done = done | ((t_next <= lo) | (t_next >= hi))
+        done = done | settled | ((t_next <= lo) | (t_next >= hi))
         prev_a, prev_n = n2, n
         t = tl.where(done, t, t_next)
         it += 1
@@ -175,9 +196,9 @@ def _boundary_threshold(z_ptr, sp_ptr, row, z_k, P, S, K, MAXIT, CH: tl.constexp
 
 
 @triton.jit
-def _count_less(g_ptr, rank_ptr, row, n_g, r_e, LOGK: tl.constexpr, BM: tl.constexpr):
+def _count_less(g_ptr, rank_ptr, row, n_g, r_e, LOGK: tl.constexpr):
     """#{m < n_g : rank[g[m]] < r_e} for each r_e [BM], by binary search of the sorted list."""
-    lo = tl.zeros([BM], tl.int32)
+    lo = r_e * 0
     hi = lo + n_g
     for _ in tl.static_range(LOGK):
         m_act = lo < hi
@@ -192,14 +213,14 @@ def _count_less(g_ptr, rank_ptr, row, n_g, r_e, LOGK: tl.constexpr, BM: tl.const
 
 @triton.jit
 def _cut_from_extras(g_ptr, rank_ptr, row, n_g, K, m_e, r_e, LOGK: tl.constexpr,
-                     BM: tl.constexpr):
-    """Each query's cut given the list and its extras m_e [BM, BM] (ranks r_e [BM]).
+                     BQ: tl.constexpr):
+    """Each query's cut given the list and its extras m_e [BQ, BM] (ranks r_e [BM]).
 
     An extra's rank in the union is 1 + (list entries above it) + (own extras above it);
     the K best of the union are the first ``cnt`` list entries plus the extras whose union
     rank is <= K. Returns (cnt [BM], rk [BM]: the largest selected global rank).
     """
-    above_g = _count_less(g_ptr, rank_ptr, row, n_g, r_e, LOGK, BM)
+    above_g = _count_less(g_ptr, rank_ptr, row, n_g, r_e, LOGK)
     gt = (r_e[:, None] < r_e[None, :]).to(tl.float16)  # [BM e', BM e]: e' beats e
     above_e = tl.dot(m_e.to(tl.float16), gt, out_dtype=tl.float32).to(tl.int32)
     sel = m_e & (above_g[None, :] + above_e + 1 <= K)
@@ -264,21 +285,24 @@ def _list_terms(g_ptr, u_ptr, row, n_g, t, t1, BM: tl.constexpr, CHX: tl.constex
 def sparsek_block_causal_fwd_kernel(
     z_ptr, sp_ptr, rank_ptr, u_ptr, g_ptr, bf_ptr, bi_ptr, tau_ptr, rk_ptr, cnt_ptr,
     S, NBND, K, W, MAXIT,
-    BM: tl.constexpr, CHX: tl.constexpr, LOGK: tl.constexpr,
+    BM: tl.constexpr, BQ: tl.constexpr, NS: tl.constexpr, CHX: tl.constexpr,
+    LOGK: tl.constexpr,
 ):
-    """Causal per-query selection of one block: tau, rk and cnt [BH, S].
+    """Causal per-query selection of BQ queries of one block: tau, rk and cnt [BH, S].
 
     Query i's candidates are the base ``[0, P]`` (P = i0 - W) plus the extras
-    ``(P, i - W]``. tau_i lies between the thresholds of boundaries b and b + 1, so only
-    base members whose clip term can change inside that bracket (scores in
-    ``(tau_b, tau_b1]`` or ``[tau_b + 1, tau_b1 + 1)``) are visited; the others enter as the
-    boundary's counts.
+    ``(P, i - W]``. tau_i lies between the thresholds of boundaries b and b + 1. Inside that
+    bracket most scores contribute a constant or a linear term, summed once per query;
+    only the few whose clip term bends inside it are kept, in NS register slots, so the
+    Newton steps read no memory. A block with more bending scores than slots takes the
+    generic path, which visits them from memory on every step.
     """
-    i_blk = tl.program_id(0)
+    NSUB: tl.constexpr = BM // BQ
+    i_blk = tl.program_id(0) // NSUB
+    o_q = (tl.program_id(0) % NSUB) * BQ + tl.arange(0, BQ)  # query index in the block
     i_bh = tl.program_id(1)
     row = i_bh.to(tl.int64) * S
     i0 = i_blk * BM
-    o_q = tl.arange(0, BM)
     q_pos = i0 + o_q
     m_q = q_pos < S
     P = i0 - W
@@ -286,20 +310,21 @@ def sparsek_block_causal_fwd_kernel(
     n_g = tl.minimum(n_base, K)
     n_c = tl.minimum(tl.maximum(q_pos - W + 1, 0), S)
     p_g = g_ptr + (i_bh.to(tl.int64) * NBND + i_blk) * K
-    e_pos = P + 1 + o_q
+    o_e = tl.arange(0, BM)
+    e_pos = P + 1 + o_e
     m_eok = (e_pos >= 0) & (e_pos < S)
     r_e = tl.load(rank_ptr + row + e_pos, mask=m_eok, other=S + 1)
-    u_e = tl.load(u_ptr + row + e_pos, mask=m_eok, other=0.0)
-    m_e = m_q[:, None] & m_eok[None, :] & (e_pos[None, :] <= q_pos[:, None] - W)
+    u_e = tl.load(u_ptr + row + e_pos, mask=m_eok, other=float("-inf"))
     big = m_q & (n_c > K)
-    cnt, rk = _cut_from_extras(p_g, rank_ptr, row, n_g, K, m_e & big[:, None], r_e, LOGK, BM)
+    # Query q (index in block) has the extras with index < q.
+    m_e = big[:, None] & m_eok[None, :] & (o_e[None, :] < o_q[:, None])  # [BQ, BM]
+    cnt, rk = _cut_from_extras(p_g, rank_ptr, row, n_g, K, m_e, r_e, LOGK, BQ)
     z_cut = tl.load(z_ptr + row + rk, mask=big, other=0.0)
     tau = tl.where(big, z_cut, float("-inf"))
     if tl.max(big.to(tl.int32), axis=0) > 0:
-        u_qe = tl.where(m_e, u_e[None, :], float("-inf"))  # [BM, BM] each query's extras
-        tau = _block_causal_threshold(z_ptr, sp_ptr, u_ptr, p_g, bf_ptr, bi_ptr, row, i_bh,
-                                      i_blk, NBND, P, n_base, n_g, K, MAXIT, big, z_cut,
-                                      u_qe, BM, CHX)
+        tau = _block_causal_tau(z_ptr, sp_ptr, u_ptr, p_g, bf_ptr, bi_ptr, row, i_bh, i_blk,
+                                NBND, P, n_base, n_g, K, MAXIT, big, z_cut, u_e, m_e, o_q,
+                                BQ, BM, NS, CHX)
     cnt = tl.where(big, cnt, n_g)
     rk = tl.where(big, rk, S)
     tl.store(tau_ptr + row + q_pos, tau, mask=m_q)
@@ -308,26 +333,108 @@ def sparsek_block_causal_fwd_kernel(
 
 
 @triton.jit
-def _block_causal_threshold(z_ptr, sp_ptr, u_ptr, p_g, bf_ptr, bi_ptr, row, i_bh, i_blk,
-                            NBND, P, n_base, n_g, K, MAXIT, big, z_cut, u_qe,
-                            BM: tl.constexpr, CHX: tl.constexpr):
-    """Per-query Newton for the queries marked ``big`` (more than K candidates)."""
+def _block_causal_tau(z_ptr, sp_ptr, u_ptr, p_g, bf_ptr, bi_ptr, row, i_bh, i_blk, NBND, P,
+                      n_base, n_g, K, MAXIT, big, z_cut, u_e, m_e, o_q,
+                      BQ: tl.constexpr, BM: tl.constexpr, NS: tl.constexpr,
+                      CHX: tl.constexpr):
+    """tau of the ``big`` queries: the slot path when the block fits it, else generic."""
     p_f = bf_ptr + (i_bh.to(tl.int64) * NBND + i_blk) * 2
     p_i = bi_ptr + (i_bh.to(tl.int64) * NBND + i_blk) * 4
     small = n_base <= K
-    t_ref = tl.load(p_f)
-    t_up = tl.load(p_f + 2)
-    c1_up = tl.load(p_i + 4 + 2)
-    c2_up = tl.load(p_i + 4 + 3)
-    c1_ref = tl.load(p_i + 2)
-    c2_ref = tl.load(p_i + 3)
-    # Reference counts at t_ref, less the members visited explicitly below.
-    t_ref = tl.where(small, 0.0, t_ref)
+    lo_b = tl.load(p_f)
+    hi_b = tl.load(p_f + 2)
+    c1_r = tl.load(p_i + 2)
+    c2_r = tl.load(p_i + 3)
+    c1_u = tl.load(p_i + 4 + 2)
+    c2_u = tl.load(p_i + 4 + 3)
+    lo_b = tl.where(small, 0.0, lo_b)
+    ends = tl.minimum(c2_r, c1_u)
+    # Extras that bend inside the bracket; the rest are constant or linear there.
+    bend = (u_e > lo_b) & (u_e < hi_b + 1.0) & ((u_e <= hi_b) | (u_e >= lo_b + 1.0))
+    fits = (small == 0) & (tl.sum(bend.to(tl.int32), axis=0) <= NS)
+    if fits:
+        tau = _causal_tau_slots(z_ptr, sp_ptr, row, P, p_f, p_i, lo_b, hi_b, c1_r, c1_u,
+                                c2_u, ends, K, MAXIT, big, z_cut, u_e, m_e, bend, o_q,
+                                BQ, BM, NS, CHX)
+    else:
+        tau = _block_causal_threshold(z_ptr, sp_ptr, u_ptr, p_g, p_f, p_i, row, P, n_g,
+                                      small, lo_b, hi_b, c1_r, c2_r, c1_u, c2_u, K, MAXIT,
+                                      big, z_cut, tl.where(m_e, u_e[None, :], float("-inf")),
+                                      BQ, CHX)
+    return tau
+
+
+@triton.jit
+def _causal_tau_slots(z_ptr, sp_ptr, row, P, p_f, p_i, lo_b, hi_b, c1_r, c1_u, c2_u, ends,
+                      K, MAXIT, big, z_cut, u_e, m_e, bend, o_q,
+                      BQ: tl.constexpr, BM: tl.constexpr, NS: tl.constexpr,
+                      CHX: tl.constexpr):
+    """Newton per query on f(t) = A + D - L (t - lo_b) + clip terms of the bending scores.
+
+    For t in [lo_b, hi_b] a score y contributes 1 if y >= hi_b + 1, (y - t) if
+    hi_b < y < lo_b + 1, 0 if y <= lo_b, and bends otherwise. The base's counts at lo_b
+    (from its boundary) less its bending members give the base's part of A, L and D; each
+    query adds its own extras' constant and linear parts. The base's bending members are
+    two short rank ranges of the sort, ``[c2_u, ends)`` and ``[c1_u, c1_r)``; the extras'
+    are few and live in NS register slots.
+    """
+    lo1 = lo_b + 1.0
+    tr = tl.zeros([BQ], tl.float32) + lo_b
+    xs1, xm1, xd1 = _range_terms(z_ptr, sp_ptr, row, c2_u, ends, P, tr, tr + 1.0, BQ, CHX)
+    xs2, xm2, xd2 = _range_terms(z_ptr, sp_ptr, row, c1_u, c1_r, P, tr, tr + 1.0, BQ, CHX)
+    x_sat = tl.max(xs1 + xs2, axis=0)
+    x_mid = tl.max(xm1 + xm2, axis=0)
+    x_d = tl.max(xd1 + xd2, axis=0)
+    # Each query's extras: constant and linear ones summed, bending ones into slots.
+    sat_e = m_e & (u_e[None, :] >= hi_b + 1.0)
+    lin_e = m_e & (u_e[None, :] > hi_b) & (u_e[None, :] < lo1)
+    a_q = tl.load(p_i) - x_sat + tl.sum(sat_e.to(tl.int32), axis=1)
+    l_q = tl.load(p_i + 1) - x_mid + tl.sum(lin_e.to(tl.int32), axis=1)
+    d_q = tl.load(p_f + 1) - x_d + tl.sum(tl.where(lin_e, u_e[None, :] - lo_b, 0.0), axis=1)
+    slot = tl.cumsum(bend.to(tl.int32), axis=0) - 1  # [BM]
+    hot = bend[:, None] & (slot[:, None] == tl.arange(0, NS)[None, :])  # [BM, NS]
+    s_u = tl.max(tl.where(hot, u_e[:, None], float("-inf")), axis=0)
+    s_e = tl.min(tl.where(hot, tl.arange(0, BM)[:, None], BM), axis=0)
+    ys = tl.where(big[:, None] & (s_e[None, :] < o_q[:, None]), s_u[None, :],
+                  float("-inf"))  # [BQ, NS]
+    lo, hi = _outward(tl.maximum(z_cut - 1.0, lo_b), tl.minimum(z_cut, hi_b))
+    t = hi
+    prev_s = tl.zeros([BQ], tl.int32) - 1
+    prev_n = prev_s
+    newton = prev_s > 0
+    active = big
+    it = MAXIT * 0
+    while tl.max(active.to(tl.int32), axis=0) > 0:
+        t1 = t + 1.0
+        s_1, n_1, d_1 = _range_terms(z_ptr, sp_ptr, row, c2_u, ends, P, t, t1, BQ, CHX)
+        s_2, n_2, d_2 = _range_terms(z_ptr, sp_ptr, row, c1_u, c1_r, P, t, t1, BQ, CHX)
+        s_y, n_y, d_y = _mid_terms(ys, t, t1)
+        s_all = a_q + s_1 + s_2 + s_y
+        n_all = l_q + n_1 + n_2 + n_y
+        f = (s_all.to(tl.float64) + d_q.to(tl.float64)
+             - l_q.to(tl.float64) * (t - lo_b).to(tl.float64)
+             + (d_1 + d_2 + d_y).to(tl.float64))
+        done = (newton & (s_all == prev_s) & (n_all == prev_n)) | (f == K) | (it >= MAXIT)
+        t_next, lo, hi, newton, settled = _newton_step(t, f, n_all, lo, hi, K)
+        done = done | settled | (t_next <= lo) | (t_next >= hi)
+        prev_s, prev_n = s_all, n_all
+        active = active & (done == 0)
+        t = tl.where(active, t_next, t)
+        it += 1
+    return tl.where(big, t, float("-inf"))
+
+
+@triton.jit
+def _block_causal_threshold(z_ptr, sp_ptr, u_ptr, p_g, p_f, p_i, row, P, n_g, small, t_ref,
+                            t_up, c1_ref, c2_ref, c1_up, c2_up, K, MAXIT, big, z_cut, u_qe,
+                            BQ: tl.constexpr, CHX: tl.constexpr):
+    """Generic per-query Newton for the ``big`` queries; reads the bending base members
+    (or, for a base of at most K members, the whole list) from memory on every step."""
     ref1 = t_ref + 1.0
-    tr = tl.zeros([BM], tl.float32) + t_ref
+    tr = tl.zeros([BQ], tl.float32) + t_ref
     x_sat, x_mid, x_d = _range_terms(z_ptr, sp_ptr, row, c2_up, tl.minimum(c2_ref, c1_up), P,
-                                     tr, tr + 1.0, BM, CHX)
-    s2_, m2_, d2_ = _range_terms(z_ptr, sp_ptr, row, c1_up, c1_ref, P, tr, tr + 1.0, BM, CHX)
+                                     tr, tr + 1.0, BQ, CHX)
+    s2_, m2_, d2_ = _range_terms(z_ptr, sp_ptr, row, c1_up, c1_ref, P, tr, tr + 1.0, BQ, CHX)
     sat0 = tl.load(p_i) - tl.max(x_sat + s2_, axis=0)
     lin = tl.load(p_i + 1) - tl.max(x_mid + m2_, axis=0)
     lin_d = tl.load(p_f + 1) - tl.max(x_d + d2_, axis=0)
@@ -338,8 +445,9 @@ def _block_causal_threshold(z_ptr, sp_ptr, u_ptr, p_g, bf_ptr, bi_ptr, row, i_bh
     hi = z_cut
     lo = tl.where(small, lo, tl.maximum(lo, t_ref))
     hi = tl.minimum(hi, t_up)
+    lo, hi = _outward(lo, hi)
     t = hi
-    prev_s = tl.zeros([BM], tl.int32) - 1
+    prev_s = tl.zeros([BQ], tl.int32) - 1
     prev_n = prev_s
     newton = prev_s > 0
     active = big
@@ -347,11 +455,11 @@ def _block_causal_threshold(z_ptr, sp_ptr, u_ptr, p_g, bf_ptr, bi_ptr, row, i_bh
     while tl.max(active.to(tl.int32), axis=0) > 0:
         t1 = t + 1.0
         if small:
-            s_x, n_x, d_x = _list_terms(p_g, u_ptr, row, n_g, t, t1, BM, CHX)
+            s_x, n_x, d_x = _list_terms(p_g, u_ptr, row, n_g, t, t1, BQ, CHX)
         else:
             s_a, n_a, d_a = _range_terms(z_ptr, sp_ptr, row, c2_up, tl.minimum(c2_ref, c1_up),
-                                         P, t, t1, BM, CHX)
-            s_b, n_b, d_b = _range_terms(z_ptr, sp_ptr, row, c1_up, c1_ref, P, t, t1, BM, CHX)
+                                         P, t, t1, BQ, CHX)
+            s_b, n_b, d_b = _range_terms(z_ptr, sp_ptr, row, c1_up, c1_ref, P, t, t1, BQ, CHX)
             s_x, n_x, d_x = s_a + s_b, n_a + n_b, d_a + d_b
         s_e, n_e, d_e = _mid_terms(u_qe, t, t1)
         s_all = sat0 + s_x + s_e
@@ -359,8 +467,8 @@ def _block_causal_threshold(z_ptr, sp_ptr, u_ptr, p_g, bf_ptr, bi_ptr, row, i_bh
         f = (s_all.to(tl.float64) + lin_d.to(tl.float64)
              - lin.to(tl.float64) * (t - t_ref).to(tl.float64) + (d_x + d_e).to(tl.float64))
         done = (newton & (s_all == prev_s) & (n_all == prev_n)) | (f == K) | (it >= MAXIT)
-        t_next, lo, hi, newton = _newton_step(t, f, n_all, lo, hi, K)
-        done = done | (t_next <= lo) | (t_next >= hi)
+        t_next, lo, hi, newton, settled = _newton_step(t, f, n_all, lo, hi, K)
+        done = done | settled | (t_next <= lo) | (t_next >= hi)
         prev_s, prev_n = s_all, n_all
         active = active & (done == 0)
         t = tl.where(active, t_next, t)
@@ -372,27 +480,32 @@ def _block_causal_threshold(z_ptr, sp_ptr, u_ptr, p_g, bf_ptr, bi_ptr, row, i_bh
 def sparsek_block_noncausal_fwd_kernel(
     z_ptr, sp_ptr, rank_ptr, zpre_ptr, u_ptr, g_ptr, tau_ptr, rk_ptr, cnt_ptr,
     S, NBLK, K, W, MAXIT, LOGS,
-    BM: tl.constexpr, NW: tl.constexpr, NR: tl.constexpr, CH: tl.constexpr,
+    BM: tl.constexpr, BQ: tl.constexpr, NW: tl.constexpr, NR: tl.constexpr,
+    CH: tl.constexpr,
 ):
     """Non-causal selection of one block: list g [BH, NBLK, K], tau, rk and cnt [BH, S].
 
     Query i's candidates are every position outside its window ``(i - W, i + W)``, so its
     threshold equation is the all-positions sum (from the sort's prefix sums) minus at
     most 2W - 1 window terms. The block's base is everything outside the union of its
-    windows, ``[i0 - W + 1, i0 + BM + W - 2]``.
+    windows, ``[i0 - W + 1, i0 + BM + W - 2]``. A program handles BQ of the block's queries;
+    the first of them also writes the block's list.
     """
-    i_blk = tl.program_id(0)
+    NSUB: tl.constexpr = BM // BQ
+    i_blk = tl.program_id(0) // NSUB
+    i_sub = tl.program_id(0) % NSUB
     i_bh = tl.program_id(1)
     row = i_bh.to(tl.int64) * S
     i0 = i_blk * BM
-    q_pos = i0 + tl.arange(0, BM)
+    q_pos = i0 + i_sub * BQ + tl.arange(0, BQ)
     m_q = q_pos < S
     has_w = W > 0
     r_lo = tl.where(has_w, tl.maximum(i0 - W + 1, 0), 0)
     r_hi = tl.where(has_w, tl.minimum(i0 + BM + W - 2, S - 1), -1)
     n_g = tl.minimum(S - (r_hi - r_lo + 1), K)
     p_g = g_ptr + (i_bh.to(tl.int64) * NBLK + i_blk) * K
-    _walk_outside(z_ptr, sp_ptr, p_g, row, r_lo, r_hi, n_g, S, CH)
+    if i_sub == 0:
+        _walk_outside(z_ptr, sp_ptr, p_g, row, r_lo, r_hi, n_g, S, CH)
     w_lo = tl.maximum(q_pos - W + 1, 0)
     w_hi = tl.minimum(q_pos + W - 1, S - 1)
     n_c = S - tl.maximum(w_hi - w_lo + 1, 0)
@@ -402,7 +515,7 @@ def sparsek_block_noncausal_fwd_kernel(
     m_w = big[:, None] & (w_pos >= w_lo[:, None]) & (w_pos <= w_hi[:, None])
     r_w = tl.load(rank_ptr + row + w_pos, mask=m_w, other=S + 1)
     # The cut: smallest r with r + 1 - #{window ranks <= r} = K.
-    rk = tl.zeros([BM], tl.int32) + K - 1
+    rk = tl.zeros([BQ], tl.int32) + K - 1
     go = tl.max(big.to(tl.int32), axis=0) > 0
     while go:
         r_new = K - 1 + tl.sum((r_w <= rk[:, None]).to(tl.int32), axis=1)
@@ -416,7 +529,7 @@ def sparsek_block_noncausal_fwd_kernel(
     u_w = tl.load(u_ptr + row + w_pos, mask=m_w, other=float("-inf"))
     row1 = i_bh.to(tl.int64) * (S + 1)
     tau = _noncausal_threshold(z_ptr, zpre_ptr, row, row1, S, K, MAXIT, LOGS, big, z_cut,
-                               u_w, BM)
+                               u_w, BQ)
     cnt = tl.where(big, cnt, n_g)
     rk = tl.where(big, rk, S)
     tl.store(tau_ptr + row + q_pos, tau, mask=m_q)
@@ -463,8 +576,7 @@ def _noncausal_threshold(z_ptr, zpre_ptr, row, row1, S, K, MAXIT, LOGS, big, z_c
                          BM: tl.constexpr):
     """Per-query Newton on f_all(t) - f_window(t) for the queries marked ``big``; the
     prefix sums of the sort start at row1 (S + 1 entries per row)."""
-    lo = z_cut - 1.0
-    hi = z_cut
+    lo, hi = _outward(z_cut - 1.0, z_cut)
     t = hi
     prev_s = tl.zeros([BM], tl.int32) - 1
     prev_n = prev_s
@@ -483,8 +595,8 @@ def _noncausal_threshold(z_ptr, zpre_ptr, row, row1, S, K, MAXIT, LOGS, big, z_c
         f = (s_all.to(tl.float64) + zsum - (c_gt - c_ge1).to(tl.float64) * t.to(tl.float64)
              - d_w.to(tl.float64))
         done = (newton & (s_all == prev_s) & (n_all == prev_n)) | (f == K) | (it >= MAXIT)
-        t_next, lo, hi, newton = _newton_step(t, f, n_all, lo, hi, K)
-        done = done | (t_next <= lo) | (t_next >= hi)
+        t_next, lo, hi, newton, settled = _newton_step(t, f, n_all, lo, hi, K)
+        done = done | settled | (t_next <= lo) | (t_next >= hi)
         prev_s, prev_n = s_all, n_all
         active = active & (done == 0)
         t = tl.where(active, t_next, t)
