@@ -181,7 +181,8 @@ def _run_remote(job: JobSpec, settings: Settings, targets: list[str], device: st
             job, settings, targets=targets, project_root=Path.cwd(), on_event=on_event,
             device=device, trust_new_host_key=options.trust_new_host_key,
             clear_stale_lock=options.clear_stale_lock, detach=options.detach,
-            wheels_dir=options.wheels, with_report=options.report)
+            wheels_dir=options.wheels, docker_runner=workflow.docker_runner(settings),
+            with_report=options.report)
     _conclude_remote(outcome, settings, options.as_json)
 
 
