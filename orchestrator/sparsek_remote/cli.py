@@ -43,8 +43,12 @@ from sparsek_remote.settings import Settings, load_settings
 EXAMPLES = """
 Examples:
 
+\b
   sparsek-remote run jobs/local_smoke.yaml            # on this machine, no .env needed
   sparsek-remote run jobs/h100_gpt4.yaml --json       # machine-readable summary
+  sparsek-remote deploy                               # build, ship, preflight every host
+  sparsek-remote run jobs/h100_gpt4.yaml --target lab # detached on a host in .env
+  sparsek-remote fetch                                # collect and verify host bundles
   sparsek-remote report 20261125T101500Z-smoke-1a2b3c # markdown + PNG plots
   sparsek-remote report OLD_RUN NEW_RUN               # compare two runs, flag regressions
   sparsek-remote schema > job.schema.json             # JSON Schema for editors
