@@ -11,7 +11,7 @@ X's median over this row's (above 1: faster than X). A row whose gate failed is
 reported with its verdict and no time.
 
 Usage: python kernels/benchmarks/bench_sparsek.py [--quick] [--out DIR] [--cases a,b]
-       [--profile]
+       [--impls sparsek-triton,sdpa-cudnn] [--profile] [--sweep]
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ COLUMNS = ("shape", "impl", "median us", "us/head", "TFLOP/s", "vs cudnn", "vs f
 
 
 def build_job(quick: bool, cases: list[str] | None, repetitions: int,
-              max_seconds: float) -> JobSpec:
+              max_seconds: float, impls: list[str] | None = None) -> JobSpec:
     shapes = QUICK_SHAPES if quick else SHAPES
     if cases:
         unknown = set(cases) - {s["name"] for s in shapes}
@@ -66,10 +66,15 @@ def build_job(quick: bool, cases: list[str] | None, repetitions: int,
     return parse_job({
         "name": "bench-sparsek",
         "cases": [{**s, "dtype": "bfloat16", "seed": 0} for s in shapes],
-        "implementations": IMPLEMENTATIONS,
+        "implementations": [i for i in IMPLEMENTATIONS
+                            if not impls or _label(i) in impls],
         "timing": {"warmup": 5, "repetitions": repetitions, "max_seconds": max_seconds,
                    "flush_l2": True},
     })
+
+
+def _label(impl: dict) -> str:
+    return f"sparsek-{impl['impl']}" if impl["kind"] == "sparsek" else f"sdpa-{impl['backend']}"
 
 
 def run_all(job: JobSpec, device: str, log: logging.Logger) -> list[CaseResult]:
@@ -163,6 +168,52 @@ def profile_sparsek(job: JobSpec, device: str, calls: int = 3) -> str:
     return "\n".join(lines)
 
 
+# Tile configurations tried by --sweep: (block_m, heads, block_n, num_warps, num_stages).
+SWEEP = {
+    "seed": [(64, 1, 64, 4, 2), (64, 1, 64, 4, 3), (32, 1, 64, 4, 2), (32, 1, 32, 2, 2),
+             (128, 1, 64, 8, 2), (64, 1, 32, 4, 3)],
+    "gpt4-4k": [(128, 1, 64, 8, 2), (128, 1, 64, 8, 3), (128, 1, 128, 8, 2),
+                (64, 1, 64, 4, 2), (64, 1, 64, 4, 3)],
+    "long-64k": [(64, 2, 64, 8, 2), (64, 2, 64, 8, 3), (64, 2, 128, 8, 2),
+                 (32, 4, 64, 8, 2), (128, 1, 64, 8, 2)],
+}
+
+
+def sweep_configs(job: JobSpec, device: str) -> str:
+    """Median time of the whole SparseK forward per tile configuration (triton do_bench,
+    L2 cleared), each output checked against the default configuration's; diagnostics
+    for choosing defaults, not results."""
+    import triton.testing
+
+    from sparsek.runner.inputs import make_inputs
+    from sparsek.triton_fwd import ForwardConfig, launch_forward
+
+    lines = []
+    for case in job.cases:
+        x = make_inputs(case, device)
+        args = (x.q, x.k, x.v, x.u, case.kv_budget, case.window, case.causal, case.D ** -0.5)
+        lse = torch.empty(x.q.shape[:3], dtype=torch.float32, device=device)
+        want = torch.empty_like(x.q)
+        launch_forward(*args, want, lse)
+        for bm, heads, bn, warps, stages in SWEEP.get(case.name, []):
+            cfg = ForwardConfig(block_m=bm, heads=heads, block_n=bn, chunk=1024,
+                                num_warps=warps, num_stages=stages)
+            o = torch.full_like(x.q, float("nan"))
+            try:
+                launch_forward(*args, o, lse, config=cfg)
+                diff = float((o.float() - want.float()).norm() / want.float().norm())
+                ms = triton.testing.do_bench(lambda: launch_forward(*args, o, lse, config=cfg),
+                                             return_mode="median")
+                lines.append(f"{case.name} BM{bm} HG{heads} BN{bn} w{warps} s{stages}: "
+                             f"{ms * 1e3:9.1f} us  diff {diff:.1e}")
+            except Exception as exc:  # a config that does not compile is a data point
+                lines.append(f"{case.name} BM{bm} HG{heads} BN{bn} w{warps} s{stages}: "
+                             f"failed: {type(exc).__name__}: {str(exc)[:120]}")
+        del x, want
+        torch.cuda.empty_cache()
+    return "\n".join(lines)
+
+
 def _device_us(event) -> float:
     value = getattr(event, "device_time_total", None)
     return float(value if value is not None else event.cuda_time_total)
@@ -177,11 +228,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=5.0)
     parser.add_argument("--profile", action="store_true",
                         help="also print device time per kernel of the SparseK call")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time the SparseK forward under several tile configs")
+    parser.add_argument("--impls", help="comma-separated subset of the implementations "
+                        "(labels such as sparsek-triton,sdpa-cudnn)")
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
     log = logging.getLogger("bench")
     job = build_job(args.quick, args.cases.split(",") if args.cases else None,
-                    args.repetitions, args.max_seconds)
+                    args.repetitions, args.max_seconds,
+                    args.impls.split(",") if args.impls else None)
     device = resolve_device("auto")
     context = context_line(device)
     rows = table_rows(job, run_all(job, device, log))
@@ -189,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     print(" ".join(f"{k}={v}" for k, v in context.items()))
     if args.profile and device == "cuda":
         print(profile_sparsek(job, device))
+    if args.sweep and device == "cuda":
+        print(sweep_configs(job, device))
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -23,9 +23,12 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _softmax_update(s, g, m_i, l_i, acc, b_v, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Fold a tile of scores s [M, BN] (log2 units) with gates g into the running state."""
-    s = tl.where(g > 0, s, float("-inf"))
+def _softmax_update(s, g, m_i, l_i, acc, b_v, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                    MASKED: tl.constexpr):
+    """Fold a tile of scores s [M, BN] (log2 units) with gates g into the running state.
+    MASKED: some gates are 0, and their scores must not raise the running maximum."""
+    if MASKED:
+        s = tl.where(g > 0, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_use)
@@ -77,10 +80,23 @@ def sparsek_attn_fwd_kernel(
     m_i = tl.zeros([M], tl.float32) + float("-inf")
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, D], tl.float32)
-    # Gathered pass: list entry n is selected by the queries with n < cnt.
+    # Gathered pass: list entry n is selected by the queries with n < cnt. Tiles that every
+    # query selects whole need no mask: their gate is min(u - tau, 1), positive since each
+    # selected score is above its query's threshold.
     p_g = g_ptr + (i_bh.to(tl.int64) * NBG + i_blk) * K
     n_sel = tl.max(cnt, axis=0)
-    for n0 in range(0, n_sel, BN):
+    n_all = (tl.min(tl.where(m_q, cnt, K), axis=0) // BN) * BN
+    for n0 in range(0, n_all, BN):
+        o_n = n0 + tl.arange(0, BN)
+        pos = tl.load(p_g + o_n)
+        kv_off = pos * D
+        b_k = tl.load(k_base + kv_off[:, None] + o_d[None, :])
+        b_v = tl.load(v_base + kv_off[:, None] + o_d[None, :])
+        b_u = tl.load(u_ptr + kv_row + pos)
+        s = _dot(b_q, tl.trans(b_k), PREC, UPCAST) * qk_scale
+        g = tl.minimum(tl.maximum(b_u[None, :] - tau[:, None], 0.0), 1.0)
+        m_i, l_i, acc = _softmax_update(s, g, m_i, l_i, acc, b_v, PREC, UPCAST, False)
+    for n0 in range(n_all, n_sel, BN):
         o_n = n0 + tl.arange(0, BN)
         m_n = o_n < n_sel
         pos = tl.load(p_g + o_n, mask=m_n, other=0)
@@ -91,7 +107,7 @@ def sparsek_attn_fwd_kernel(
         s = _dot(b_q, tl.trans(b_k), PREC, UPCAST) * qk_scale
         g = tl.minimum(tl.maximum(b_u[None, :] - tau[:, None], 0.0), 1.0)
         g = tl.where(o_n[None, :] < cnt[:, None], g, 0.0)
-        m_i, l_i, acc = _softmax_update(s, g, m_i, l_i, acc, b_v, PREC, UPCAST)
+        m_i, l_i, acc = _softmax_update(s, g, m_i, l_i, acc, b_v, PREC, UPCAST, True)
     # Dense pass over the block's range: window pairs, and extras above the cut.
     j_lo = tl.maximum(i0 - W + 1, 0)
     if CAUSAL:
@@ -117,7 +133,7 @@ def sparsek_attn_fwd_kernel(
         pick = cand & (b_r[None, :] <= rk[:, None]) & m_j[None, :]
         soft = tl.minimum(tl.maximum(b_u[None, :] - tau[:, None], 0.0), 1.0)
         g = tl.where(win & m_j[None, :], 1.0, tl.where(pick, soft, 0.0))
-        m_i, l_i, acc = _softmax_update(s, g, m_i, l_i, acc, b_v, PREC, UPCAST)
+        m_i, l_i, acc = _softmax_update(s, g, m_i, l_i, acc, b_v, PREC, UPCAST, True)
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
