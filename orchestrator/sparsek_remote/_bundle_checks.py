@@ -353,6 +353,7 @@ def read_results(raw: bytes, manifest: Manifest) -> Results:
         raise BundleError(f"{RESULTS_NAME} is for run {results.run_id} but {MANIFEST_NAME} "
                           f"is for run {manifest.run_id}")
     check_results_match_job(results, manifest)
+    check_gpu_indices(results, manifest)
     return results
 
 
@@ -373,3 +374,14 @@ def check_results_match_job(results: Results, manifest: Manifest) -> None:
             raise BundleError(f"{where} repeats case {res.case!r} with implementation "
                               f"{res.implementation!r}")
         seen.add((res.case, res.implementation))
+
+
+def check_gpu_indices(results: Results, manifest: Manifest) -> None:
+    """Every GPU a result names is one the manifest's provenance describes."""
+    listed = {gpu.index for gpu in manifest.provenance.gpus}
+    for i, res in enumerate(results.results):
+        if res.gpu_index is not None and res.gpu_index not in listed:
+            known = ", ".join(str(n) for n in sorted(listed)) or "none"
+            raise BundleError(f"{RESULTS_NAME}: results[{i}] ({res.case}/{res.implementation}) "
+                              f"was measured on GPU {res.gpu_index}, which {MANIFEST_NAME} does "
+                              f"not describe (its provenance.gpus lists: {known})")

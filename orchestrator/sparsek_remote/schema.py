@@ -84,9 +84,24 @@ class CardState(_FromHost):
     note: Annotated[str, Field(max_length=500)] | None = None
 
 
+class GpuProvenance(_FromHost):
+    """One GPU of a host whose cases were spread over several (on a CPU host, one
+    stand-in worker): ``index`` is nvidia-smi's number for it (the worker's number
+    for a stand-in), which each result measured there carries as ``gpu_index``."""
+
+    index: Annotated[int, Field(ge=0, le=1023)]
+    name: Annotated[str, Field(max_length=200)]
+    uuid: Annotated[str, Field(max_length=100)] | None = None
+    driver_version: Annotated[str, Field(max_length=100)] | None = None
+    compute_capability: Annotated[str, Field(max_length=20)] | None = None
+    card: CardState | None = None
+
+
 class Provenance(_FromHost):
     """Where and with what a bundle was measured. The host is named by its alias
-    only: an address never enters a bundle."""
+    only: an address never enters a bundle. ``gpus`` lists every GPU a multi-GPU
+    run used (empty for a run on one device); the other device fields then describe
+    the first of them."""
 
     host_alias: Annotated[str, Field(pattern=TARGET_PATTERN)]
     device: Literal["cuda", "cpu"]
@@ -105,6 +120,15 @@ class Provenance(_FromHost):
     git_dirty: bool | None = None
     image_digest: Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")] | None = None
     card: CardState | None = None
+    gpus: Annotated[list[GpuProvenance], Field(max_length=1024)] = []
+
+    @field_validator("gpus")
+    @classmethod
+    def _unique_gpus(cls, gpus: list[GpuProvenance]) -> list[GpuProvenance]:
+        indices = [g.index for g in gpus]
+        if len(set(indices)) != len(indices):
+            raise ValueError("a GPU index is listed twice")
+        return gpus
 
 
 class Ceilings(_FromHost):
@@ -242,6 +266,7 @@ class CaseResult(_FromHost):
     timing; ``throttled`` is True when either shows the clocks held down by power or
     heat (None where the state cannot be read), with the evidence in
     ``throttle_detail``. ``ncu`` holds the Nsight Compute profile of a timed case.
+    ``gpu_index`` names the GPU of ``Provenance.gpus`` it ran on, in a multi-GPU run.
     """
 
     case: Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -261,6 +286,7 @@ class CaseResult(_FromHost):
     throttled: bool | None = None
     throttle_detail: Annotated[str, Field(max_length=2000)] | None = None
     ncu: NcuResult | None = None
+    gpu_index: Annotated[int, Field(ge=0, le=1023)] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> CaseResult:
