@@ -3,6 +3,12 @@
 stdout carries only progress events (JSON lines); people read stderr and runner.log.
 Exit status 0 means the bundle was written, whatever the verdicts inside it; any
 other status means there is no complete bundle, and stderr says why.
+
+``--gpus all`` (or a count, or indices) spreads the job over that many GPUs, one
+runner per GPU, into one merged bundle (see ``multi``); ``--workers N`` does the same
+with N CPU stand-ins. Items a failed GPU lost are errors in the bundle, listed in the
+``done`` event and on stderr with the ``--only`` that runs them again; the exit
+status stays 0, since the other GPUs' results are in the bundle.
 """
 
 from __future__ import annotations
@@ -17,8 +23,11 @@ import traceback
 from pathlib import Path
 from typing import TextIO
 
-from sparsek.runner.events import json_lines
+from sparsek.runner import gpus
+from sparsek.runner.events import EventSink, json_lines
 from sparsek.runner.execute import LOGGER_NAME, resolve_device, run_job
+from sparsek.runner.merge import LostItem
+from sparsek.runner.multi import MultiRun, run_multi
 from sparsek_remote.errors import ConfigError, RunnerError, SparsekRemoteError
 from sparsek_remote.jobspec import JobSpec, parse_job
 
@@ -33,11 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         job = read_job(args.job)
         device = resolve_device(job.device if args.device == "auto" else args.device)
         interpret_triton_on_cpu(device)
-        run_job(job, args.out, run_id=args.run_id, host_alias=args.host_alias, device=device,
-                git_commit=args.git_commit,
-                git_dirty=None if args.git_dirty is None else args.git_dirty == "1",
-                image_digest=args.image_digest, on_event=json_lines(events_stream),
-                ncu_path=args.ncu)
+        if args.gpus == 1 and args.workers is None:
+            run_job(job, args.out, run_id=args.run_id, host_alias=args.host_alias,
+                    device=device, git_commit=args.git_commit,
+                    git_dirty=None if args.git_dirty is None else args.git_dirty == "1",
+                    image_digest=args.image_digest, on_event=json_lines(events_stream),
+                    ncu_path=args.ncu, only=args.only)
+        else:
+            _run_spread(args, job, device, json_lines(events_stream))
     except SparsekRemoteError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -67,7 +79,52 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ncu", default=None, metavar="PATH",
                         help="the Nsight Compute CLI, when the job's ncu policy is on "
                              "(default: ncu on PATH, then the usual install folders)")
+    parser.add_argument("--only", action="append", default=None, metavar="CASE/IMPL",
+                        help="run only this item (repeatable), e.g. one a failed GPU lost")
+    parser.add_argument("--gpus", type=gpus.parse_spec, default=1, metavar="all|N|I,J,...",
+                        help="spread the items over all GPUs, the first N, or those "
+                             "indices (as nvidia-smi numbers them; '3,' is GPU 3 alone), "
+                             "one runner per GPU; default 1: this process, one GPU")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="spread the items over N CPU stand-in runners (no GPU)")
     return parser
+
+
+def _run_spread(args: argparse.Namespace, job: JobSpec, device: str,
+                emit: EventSink) -> None:
+    """The job over several runners (GPUs, or CPU stand-ins), into one bundle."""
+    if args.workers is not None and args.gpus != 1:
+        raise ConfigError("--gpus and --workers exclude each other",
+                          hint="--gpus on a GPU host, --workers for CPU stand-ins")
+    if args.workers is not None and device != "cpu":
+        raise ConfigError("--workers starts CPU stand-ins, but this run's device is "
+                          f"{device}", hint="use --gpus on a GPU host, or --device cpu")
+    if args.workers is None and device != "cuda":
+        raise ConfigError(f"--gpus spreads a job over GPUs, but this run's device is {device}",
+                          hint="use --workers N for CPU stand-ins")
+    workers = (gpus.cpu_workers(args.workers) if args.workers is not None
+               else gpus.gpu_workers(args.gpus))
+    passed = ["--device", device]
+    for flag, value in (("--git-commit", args.git_commit), ("--git-dirty", args.git_dirty),
+                        ("--image-digest", args.image_digest), ("--ncu", args.ncu)):
+        passed += [flag, value] if value is not None else []
+    merged = run_multi(MultiRun(job=job, job_file=args.job, out=args.out, run_id=args.run_id,
+                                host_alias=args.host_alias, device=device,
+                                workers=tuple(workers), worker_args=tuple(passed),
+                                only=None if args.only is None else tuple(args.only)), emit)
+    if merged.lost:
+        _report_lost(merged.lost)
+
+
+def _report_lost(lost: tuple[LostItem, ...]) -> None:
+    by_worker: dict[str, list[str]] = {}
+    for item in lost:
+        by_worker.setdefault(item.worker, []).append(item.item)
+    for worker, items in by_worker.items():
+        reason = next(x.reason for x in lost if x.worker == worker)
+        print(f"{PROG}: {worker} lost {len(items)} item(s): {reason}\n  they are errors in "
+              f"the bundle; re-run them alone with: "
+              + " ".join(f"--only {item}" for item in items), file=sys.stderr)
 
 
 def _claim_stdout() -> TextIO:

@@ -13,6 +13,7 @@ import os
 import re
 import time
 import traceback
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from sparsek.runner.metrics import case_bytes, case_flops, rates
 from sparsek.runner.ncu import profile_results
 from sparsek.runner.provenance import collect
 from sparsek.runner.rotation import rotation_calls
+from sparsek.runner.shard import WorkItem, select_items
 from sparsek.runner.timing import measure, peak_extra_memory
 from sparsek_remote.errors import ConfigError, RunnerError
 from sparsek_remote.jobspec import Case, JobSpec, SdpaImpl, SparsekImpl
@@ -168,7 +170,7 @@ def _log_verdict(log: logging.Logger, result: CaseResult) -> None:
 def run_job(job: JobSpec, out_dir: Path | str, *, run_id: str, host_alias: str,
             device: str = "auto", git_commit: str | None = None, git_dirty: bool | None = None,
             image_digest: str | None = None, on_event: EventSink | None = None,
-            ncu_path: str | None = None) -> Results:
+            ncu_path: str | None = None, only: Collection[str] | None = None) -> Results:
     """Run every (case, implementation) pair of ``job`` and write the bundle to ``out_dir``.
 
     ``device`` "auto" defers to the job's own ``device`` field (itself "auto" by
@@ -176,10 +178,12 @@ def run_job(job: JobSpec, out_dir: Path | str, *, run_id: str, host_alias: str,
     non-empty ``out_dir`` and RunnerError when the job cannot run at all; a failure of
     one case is recorded in its result instead. After every pair is timed, the pairs
     the job's ncu policy names are profiled with Nsight Compute (``ncu_path``, or
-    found on PATH). The manifest is written last.
+    found on PATH). ``only`` (``CASE/IMPL`` names) runs just those pairs, in job
+    order. The manifest is written last.
     """
     emit = on_event or (lambda event: None)
     _check_run_id(run_id)
+    items = select_items(job, only)
     resolved = resolve_device(job.device if device == "auto" else device)
     provenance = _provenance(resolved, host_alias, git_commit, git_dirty, image_digest)
     folder = prepare_out_dir(Path(out_dir))
@@ -191,7 +195,7 @@ def run_job(job: JobSpec, out_dir: Path | str, *, run_id: str, host_alias: str,
             _log_start(log, run_id, job, provenance)
             ceilings = (measure_ceilings(resolved, {c.dtype for c in job.cases}, log)
                         if job.timing.measure_ceilings else None)
-            pairs = _run_pairs(job, resolved, log, emit, run_id, card)
+            pairs = _run_pairs(job, items, resolved, log, emit, run_id, card)
         finally:
             card.close()
         if job.ncu.enabled:
@@ -229,9 +233,9 @@ def _log_start(log: logging.Logger, run_id: str, job: JobSpec, where: Provenance
                  os.environ.get("TRITON_INTERPRET", "(unset)"))
 
 
-def _run_pairs(job: JobSpec, device: str, log: logging.Logger, emit: EventSink,
-               run_id: str, card: CardReader) -> list[CaseResult]:
-    pairs = [(case, impl) for case in job.cases for impl in job.implementations]
+def _run_pairs(job: JobSpec, items: list[WorkItem], device: str, log: logging.Logger,
+               emit: EventSink, run_id: str, card: CardReader) -> list[CaseResult]:
+    pairs = [(item.case, item.impl) for item in items]
     emit(events.start(run_id, device, len(pairs)))
     results = []
     for index, (case, impl) in enumerate(pairs):
