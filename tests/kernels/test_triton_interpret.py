@@ -167,10 +167,10 @@ def test_selection_matches_the_mask(seed, pattern, causal):
 
     S, K, W = 100, 9, 4
     u = SCORE_PATTERNS[pattern](torch.Generator().manual_seed(seed), S).contiguous()
-    cfg = ForwardConfig(block_m=32, heads=1, block_n=16, chunk=16, num_warps=4, num_stages=1)
+    cfg = ForwardConfig(block_m=64, heads=1, block_n=16, chunk=16, num_warps=4, num_stages=1)
     sel = select(u, K, W, causal, cfg)
     mask = sparsek_mask(u, kv_budget=K, window=W, causal=causal)
-    assert torch.equal(_selected(sel, S, K, W, causal, 32), mask.selected.reshape(-1, S, S))
+    assert torch.equal(_selected(sel, S, K, W, causal, 64), mask.selected.reshape(-1, S, S))
     want = mask.tau.reshape(-1, S)
     kept_all = torch.isneginf(want)
     assert torch.equal(torch.isneginf(sel.tau), kept_all)
