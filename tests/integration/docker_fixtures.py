@@ -206,11 +206,14 @@ class ScratchDaemon:
 
 
 class LoopbackSshd:
-    """sshd on 127.0.0.1 with keys made for it, whose sessions see ``DOCKER_HOST``
-    (so ``docker`` there is the scratch daemon) when one is given."""
+    """sshd on 127.0.0.1 (or ``address``, started through ``wrapper`` such as
+    ``ip netns exec NS``) with keys made for it, whose sessions see ``DOCKER_HOST`` (so
+    ``docker`` there is the scratch daemon) when one is given."""
 
-    def __init__(self, folder: Path, docker_host: str | None = None) -> None:
+    def __init__(self, folder: Path, docker_host: str | None = None, *,
+                 address: str = "127.0.0.1", wrapper: tuple[str, ...] = ()) -> None:
         self.folder, self.docker_host = folder, docker_host
+        self.address, self.wrapper = address, wrapper
         self.host_key = folder / "ssh_host_ed25519_key"
         self.user_key = folder / "id_ed25519"
         self.port = 0
@@ -224,10 +227,10 @@ class LoopbackSshd:
                                check=True, timeout=30)
         (self.folder / "authorized_keys").write_text(
             (self.folder / "id_ed25519.pub").read_text())
-        self.port = _free_port()
+        self.port = _free_port() if self.address == "127.0.0.1" else 22
         config = self.folder / "sshd_config"
         config.write_text(
-            f"ListenAddress 127.0.0.1\nPort {self.port}\nHostKey {self.host_key}\n"
+            f"ListenAddress {self.address}\nPort {self.port}\nHostKey {self.host_key}\n"
             f"PidFile {self.folder / 'sshd.pid'}\n"
             f"AuthorizedKeysFile {self.folder / 'authorized_keys'}\n"
             "StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
@@ -235,9 +238,10 @@ class LoopbackSshd:
             + (f"SetEnv DOCKER_HOST={self.docker_host}\n" if self.docker_host else ""))
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         with open(self.folder / "sshd.log", "ab") as log:
-            self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
-                                         stdout=log, stderr=log, start_new_session=True)
-        _wait_port(self.port, self.proc)
+            self.proc = subprocess.Popen(
+                [*self.wrapper, "/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
+                stdout=log, stderr=log, start_new_session=True)
+        _wait_port(self.address, self.port, self.proc)
         return self
 
     def fingerprint(self) -> str:
@@ -248,7 +252,7 @@ class LoopbackSshd:
     def host_settings(self, remote_dir: str = "sparsek-remote-test", kind: str = "auto"):
         from sparsek_remote.settings import HostSettings
 
-        return HostSettings(address="127.0.0.1", port=self.port, user="root",
+        return HostSettings(address=self.address, port=self.port, user="root",
                             key_path=self.user_key, host_key_fingerprint=self.fingerprint(),
                             kind=kind, remote_dir=remote_dir)
 
@@ -256,7 +260,7 @@ class LoopbackSshd:
         """The system ssh client for this server (for baselines)."""
         return ["ssh", "-i", str(self.user_key), "-p", str(self.port), "-o",
                 "StrictHostKeyChecking=no", "-o", f"UserKnownHostsFile={self.folder}/known",
-                "-o", "LogLevel=ERROR", "root@127.0.0.1"]
+                "-o", "LogLevel=ERROR", f"root@{self.address}"]
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -271,14 +275,14 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _wait_port(port: int, proc: subprocess.Popen, limit_s: float = 10.0) -> None:
+def _wait_port(address: str, port: int, proc: subprocess.Popen, limit_s: float = 10.0) -> None:
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"sshd exited with {proc.returncode}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection((address, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"sshd does not listen on 127.0.0.1:{port}")
+    raise RuntimeError(f"sshd does not listen on {address}:{port}")
