@@ -31,7 +31,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_NEWTON = 100
 # Queries per selection program: small tiles, many programs per SM, so the solvers' short
 # dependent loads overlap across programs instead of stalling one large program.
-SELECT_ROWS = 32
+SELECT_ROWS = 16
 # Register slots for the scores that bend inside a block's threshold bracket (the causal
 # fast path): extras, and sorted ranks of the base per range; a block with more takes the
 # generic path, which reads them from memory on every step.
@@ -113,7 +113,7 @@ def _select_causal(scores, z, sp, rank, budget, window, cfg) -> Selection:
     sparsek_block_causal_fwd_kernel[(nblk * (cfg.block_m // sub), bh)](
         z, sp, rank, scores, lists, bf, bi, tau, rk, cnt, seq_len, nbnd, budget, window,
         MAX_NEWTON, BM=cfg.block_m, BQ=sub, NS=SLOTS, NSX=BASE_SLOTS, CHX=64,
-        CHG=min(64, triton.next_power_of_2(budget)), num_warps=8)
+        CHG=min(64, triton.next_power_of_2(budget)), num_warps=4)
     return Selection(lists, rank, tau, rk, cnt)
 
 

@@ -348,12 +348,12 @@ def _block_causal_tau(z_ptr, sp_ptr, u_ptr, p_g, bf_ptr, bi_ptr, row, i_bh, i_bl
     ends = tl.minimum(c2_r, c1_u)
     # Extras that bend inside the bracket; the rest are constant or linear there.
     bend = (u_e > lo_b) & (u_e < hi_b + 1.0) & ((u_e <= hi_b) | (u_e >= lo_b + 1.0))
-    fits = ((small == 0) & (tl.sum(bend.to(tl.int32), axis=0) <= NS)
-            & (ends - c2_u <= NSX) & (c1_r - c1_u <= NSX))
+    fits = (small == 0) & (tl.sum(bend.to(tl.int32), axis=0) <= NS)
     if fits:
+        in_regs = (ends - c2_u <= NSX) & (c1_r - c1_u <= NSX)
         tau = _causal_tau_slots(z_ptr, sp_ptr, row, P, p_f, p_i, lo_b, hi_b, c1_r, c1_u,
                                 c2_u, ends, K, MAXIT, big, z_cut, u_e, m_e, bend, o_q,
-                                BQ, BM, NS, NSX)
+                                in_regs, BQ, BM, NS, NSX, CHX)
     else:
         tau = _block_causal_threshold(z_ptr, sp_ptr, u_ptr, p_g, p_f, p_i, row, P, n_g,
                                       small, lo_b, hi_b, c1_r, c2_r, c1_u, c2_u, K, MAXIT,
@@ -375,11 +375,12 @@ def _base_slots(z_ptr, sp_ptr, row, r_lo, r_hi, P, NSX: tl.constexpr):
 
 @triton.jit
 def _causal_tau_slots(z_ptr, sp_ptr, row, P, p_f, p_i, lo_b, hi_b, c1_r, c1_u, c2_u, ends,
-                      K, MAXIT, big, z_cut, u_e, m_e, bend, o_q,
+                      K, MAXIT, big, z_cut, u_e, m_e, bend, o_q, in_regs,
                       BQ: tl.constexpr, BM: tl.constexpr, NS: tl.constexpr,
-                      NSX: tl.constexpr):
-    """Newton per query on f(t) = A + D - L (t - lo_b) + clip terms of the bending scores,
-    with every operand in registers (no memory access inside the iteration).
+                      NSX: tl.constexpr, CHX: tl.constexpr):
+    """Newton per query on f(t) = A + D - L (t - lo_b) + clip terms of the bending scores;
+    with ``in_regs`` every operand is in registers (no memory access inside the iteration),
+    else the base's bending scores are re-read from their rank ranges on each step.
 
     For t in [lo_b, hi_b] a score y contributes 1 if y >= hi_b + 1, (y - t) if
     hi_b < y < lo_b + 1, 0 if y <= lo_b, and bends otherwise. The base's counts at lo_b
@@ -389,14 +390,18 @@ def _causal_tau_slots(z_ptr, sp_ptr, row, P, p_f, p_i, lo_b, hi_b, c1_r, c1_u, c
     extras are few and go to NS slots.
     """
     lo1 = lo_b + 1.0
+    tr = tl.zeros([BQ], tl.float32) + lo_b
     x1 = _base_slots(z_ptr, sp_ptr, row, c2_u, ends, P, NSX)
     x2 = _base_slots(z_ptr, sp_ptr, row, c1_u, c1_r, P, NSX)
-    mid1 = (x1 > lo_b) & (x1 < lo1)
-    mid2 = (x2 > lo_b) & (x2 < lo1)
-    x_sat = tl.sum((x1 >= lo1).to(tl.int32), axis=0) + tl.sum((x2 >= lo1).to(tl.int32), axis=0)
-    x_mid = tl.sum(mid1.to(tl.int32), axis=0) + tl.sum(mid2.to(tl.int32), axis=0)
-    x_d = (tl.sum(tl.where(mid1, x1 - lo_b, 0.0), axis=0)
-           + tl.sum(tl.where(mid2, x2 - lo_b, 0.0), axis=0))
+    if in_regs:
+        xs1, xm1, xd1 = _mid_terms(x1[None, :], tr, tr + 1.0)
+        xs2, xm2, xd2 = _mid_terms(x2[None, :], tr, tr + 1.0)
+    else:
+        xs1, xm1, xd1 = _range_terms(z_ptr, sp_ptr, row, c2_u, ends, P, tr, tr + 1.0, BQ, CHX)
+        xs2, xm2, xd2 = _range_terms(z_ptr, sp_ptr, row, c1_u, c1_r, P, tr, tr + 1.0, BQ, CHX)
+    x_sat = tl.max(xs1 + xs2, axis=0)
+    x_mid = tl.max(xm1 + xm2, axis=0)
+    x_d = tl.max(xd1 + xd2, axis=0)
     # Each query's extras: constant and linear ones summed, bending ones into slots.
     sat_e = m_e & (u_e[None, :] >= hi_b + 1.0)
     lin_e = m_e & (u_e[None, :] > hi_b) & (u_e[None, :] < lo1)
@@ -418,8 +423,12 @@ def _causal_tau_slots(z_ptr, sp_ptr, row, P, p_f, p_i, lo_b, hi_b, c1_r, c1_u, c
     it = MAXIT * 0
     while tl.max(active.to(tl.int32), axis=0) > 0:
         t1 = t + 1.0
-        s_1, n_1, d_1 = _mid_terms(x1[None, :], t, t1)
-        s_2, n_2, d_2 = _mid_terms(x2[None, :], t, t1)
+        if in_regs:
+            s_1, n_1, d_1 = _mid_terms(x1[None, :], t, t1)
+            s_2, n_2, d_2 = _mid_terms(x2[None, :], t, t1)
+        else:
+            s_1, n_1, d_1 = _range_terms(z_ptr, sp_ptr, row, c2_u, ends, P, t, t1, BQ, CHX)
+            s_2, n_2, d_2 = _range_terms(z_ptr, sp_ptr, row, c1_u, c1_r, P, t, t1, BQ, CHX)
         s_y, n_y, d_y = _mid_terms(ys, t, t1)
         s_all = a_q + s_1 + s_2 + s_y
         n_all = l_q + n_1 + n_2 + n_y

@@ -183,3 +183,23 @@ def test_custom_op_passes_opcheck(make_inputs):
 
     x = make_inputs(q_heads=2, kv_heads=1, seq_len=20, dim=64, dtype=F32)
     torch.library.opcheck(op.attention_fwd, (x.q, x.k, x.v, x.u, 4, 2, True, 0.125))
+
+
+@pytest.mark.parametrize("slots", [16, 128])
+def test_causal_selection_when_bending_scores_overflow_registers(seed, monkeypatch, slots):
+    # Few register slots push blocks onto the variants that re-read the bending scores
+    # from memory; they must select exactly the same sets.
+    from sparsek import triton_fwd
+
+    monkeypatch.setattr(triton_fwd, "BASE_SLOTS", slots)
+    monkeypatch.setattr(triton_fwd, "SLOTS", 16)
+    S, K, W = 257, 20, 8
+    u = torch.randn(2, 1, S, generator=torch.Generator().manual_seed(seed))
+    cfg = triton_fwd.ForwardConfig(block_m=64, heads=1, block_n=16, chunk=16, num_warps=4,
+                                   num_stages=1)
+    sel = triton_fwd.select(u, K, W, True, cfg)
+    mask = sparsek_mask(u, kv_budget=K, window=W, causal=True)
+    assert torch.equal(_selected(sel, S, K, W, True, 64), mask.selected.reshape(-1, S, S))
+    want = mask.tau.reshape(-1, S)
+    finite = torch.isfinite(want)
+    assert float((sel.tau.double() - want)[finite].abs().max()) <= 1e-6
