@@ -23,6 +23,7 @@ pytestmark = pytest.mark.integration
 docker_client = docker_fixtures.docker_client
 base_image = docker_fixtures.base_image
 wheel_dir = docker_fixtures.wheel_dir
+project_context = docker_fixtures.project_context
 project_image = docker_fixtures.project_image
 project_root_session = docker_fixtures.project_root_session
 build_options_for_tests = docker_fixtures.build_options_for_tests
