@@ -33,10 +33,8 @@ MAX_NEWTON = 100
 # dependent loads overlap across programs instead of stalling one large program.
 SELECT_ROWS = 16
 # Register slots for the scores that bend inside a block's threshold bracket (the causal
-# fast path): extras, and sorted ranks of the base per range; a block with more takes the
-# generic path, which reads them from memory on every step.
+# fast path); a block with more takes the generic path.
 SLOTS = 32
-BASE_SLOTS = 128
 
 
 @dataclass(frozen=True)
@@ -112,8 +110,8 @@ def _select_causal(scores, z, sp, rank, budget, window, cfg) -> Selection:
     sub = min(cfg.block_m, SELECT_ROWS)
     sparsek_block_causal_fwd_kernel[(nblk * (cfg.block_m // sub), bh)](
         z, sp, rank, scores, lists, bf, bi, tau, rk, cnt, seq_len, nbnd, budget, window,
-        MAX_NEWTON, BM=cfg.block_m, BQ=sub, NS=SLOTS, NSX=BASE_SLOTS, CHX=64,
-        CHG=min(64, triton.next_power_of_2(budget)), num_warps=4)
+        MAX_NEWTON, BM=cfg.block_m, BQ=sub, NS=SLOTS, CHX=64, LOGK=budget.bit_length(),
+        num_warps=4)
     return Selection(lists, rank, tau, rk, cnt)
 
 

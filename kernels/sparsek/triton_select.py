@@ -196,20 +196,23 @@ def _boundary_threshold(z_ptr, sp_ptr, row, z_k, P, S, K, MAXIT, CH: tl.constexp
 
 
 @triton.jit
-def _count_less(g_ptr, rank_ptr, row, n_g, r_e, CHG: tl.constexpr):
-    """#{m < n_g : rank[g[m]] < r_e} for each r_e [BM]: the list in chunks of CHG, compared
-    with every r_e at once (two dependent loads per chunk, not one per search step)."""
-    cnt = r_e * 0
-    for m0 in range(0, n_g, CHG):
-        o = m0 + tl.arange(0, CHG)
-        pos = tl.load(g_ptr + o, mask=o < n_g, other=0)
-        r_m = tl.load(rank_ptr + row + pos, mask=o < n_g, other=2147483647)
-        cnt += tl.sum((r_m[None, :] < r_e[:, None]).to(tl.int32), axis=1)
-    return cnt
+def _count_less(g_ptr, rank_ptr, row, n_g, r_e, LOGK: tl.constexpr):
+    """#{m < n_g : rank[g[m]] < r_e} for each r_e [BM], by binary search of the sorted list."""
+    lo = r_e * 0
+    hi = lo + n_g
+    for _ in tl.static_range(LOGK):
+        m_act = lo < hi
+        mid = (lo + hi) // 2
+        pos = tl.load(g_ptr + mid, mask=m_act, other=0)
+        r_m = tl.load(rank_ptr + row + pos, mask=m_act, other=0)
+        right = m_act & (r_m < r_e)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(m_act & (r_m >= r_e), mid, hi)
+    return lo
 
 
 @triton.jit
-def _cut_from_extras(g_ptr, rank_ptr, row, n_g, K, m_e, r_e, CHG: tl.constexpr,
+def _cut_from_extras(g_ptr, rank_ptr, row, n_g, K, m_e, r_e, LOGK: tl.constexpr,
                      BQ: tl.constexpr):
     """Each query's cut given the list and its extras m_e [BQ, BM] (ranks r_e [BM]).
 
@@ -217,7 +220,7 @@ def _cut_from_extras(g_ptr, rank_ptr, row, n_g, K, m_e, r_e, CHG: tl.constexpr,
     the K best of the union are the first ``cnt`` list entries plus the extras whose union
     rank is <= K. Returns (cnt [BM], rk [BM]: the largest selected global rank).
     """
-    above_g = _count_less(g_ptr, rank_ptr, row, n_g, r_e, CHG)
+    above_g = _count_less(g_ptr, rank_ptr, row, n_g, r_e, LOGK)
     gt = (r_e[:, None] < r_e[None, :]).to(tl.float16)  # [BM e', BM e]: e' beats e
     above_e = tl.dot(m_e.to(tl.float16), gt, out_dtype=tl.float32).to(tl.int32)
     sel = m_e & (above_g[None, :] + above_e + 1 <= K)
@@ -282,8 +285,8 @@ def _list_terms(g_ptr, u_ptr, row, n_g, t, t1, BM: tl.constexpr, CHX: tl.constex
 def sparsek_block_causal_fwd_kernel(
     z_ptr, sp_ptr, rank_ptr, u_ptr, g_ptr, bf_ptr, bi_ptr, tau_ptr, rk_ptr, cnt_ptr,
     S, NBND, K, W, MAXIT,
-    BM: tl.constexpr, BQ: tl.constexpr, NS: tl.constexpr, NSX: tl.constexpr,
-    CHX: tl.constexpr, CHG: tl.constexpr,
+    BM: tl.constexpr, BQ: tl.constexpr, NS: tl.constexpr, CHX: tl.constexpr,
+    LOGK: tl.constexpr,
 ):
     """Causal per-query selection of BQ queries of one block: tau, rk and cnt [BH, S].
 
@@ -315,13 +318,13 @@ def sparsek_block_causal_fwd_kernel(
     big = m_q & (n_c > K)
     # Query q (index in block) has the extras with index < q.
     m_e = big[:, None] & m_eok[None, :] & (o_e[None, :] < o_q[:, None])  # [BQ, BM]
-    cnt, rk = _cut_from_extras(p_g, rank_ptr, row, n_g, K, m_e, r_e, CHG, BQ)
+    cnt, rk = _cut_from_extras(p_g, rank_ptr, row, n_g, K, m_e, r_e, LOGK, BQ)
     z_cut = tl.load(z_ptr + row + rk, mask=big, other=0.0)
     tau = tl.where(big, z_cut, float("-inf"))
     if tl.max(big.to(tl.int32), axis=0) > 0:
         tau = _block_causal_tau(z_ptr, sp_ptr, u_ptr, p_g, bf_ptr, bi_ptr, row, i_bh, i_blk,
                                 NBND, P, n_base, n_g, K, MAXIT, big, z_cut, u_e, m_e, o_q,
-                                BQ, BM, NS, NSX, CHX)
+                                BQ, BM, NS, CHX)
     cnt = tl.where(big, cnt, n_g)
     rk = tl.where(big, rk, S)
     tl.store(tau_ptr + row + q_pos, tau, mask=m_q)
@@ -333,7 +336,7 @@ def sparsek_block_causal_fwd_kernel(
 def _block_causal_tau(z_ptr, sp_ptr, u_ptr, p_g, bf_ptr, bi_ptr, row, i_bh, i_blk, NBND, P,
                       n_base, n_g, K, MAXIT, big, z_cut, u_e, m_e, o_q,
                       BQ: tl.constexpr, BM: tl.constexpr, NS: tl.constexpr,
-                      NSX: tl.constexpr, CHX: tl.constexpr):
+                      CHX: tl.constexpr):
     """tau of the ``big`` queries: the slot path when the block fits it, else generic."""
     p_f = bf_ptr + (i_bh.to(tl.int64) * NBND + i_blk) * 2
     p_i = bi_ptr + (i_bh.to(tl.int64) * NBND + i_blk) * 4
@@ -350,10 +353,9 @@ def _block_causal_tau(z_ptr, sp_ptr, u_ptr, p_g, bf_ptr, bi_ptr, row, i_bh, i_bl
     bend = (u_e > lo_b) & (u_e < hi_b + 1.0) & ((u_e <= hi_b) | (u_e >= lo_b + 1.0))
     fits = (small == 0) & (tl.sum(bend.to(tl.int32), axis=0) <= NS)
     if fits:
-        in_regs = (ends - c2_u <= NSX) & (c1_r - c1_u <= NSX)
         tau = _causal_tau_slots(z_ptr, sp_ptr, row, P, p_f, p_i, lo_b, hi_b, c1_r, c1_u,
                                 c2_u, ends, K, MAXIT, big, z_cut, u_e, m_e, bend, o_q,
-                                in_regs, BQ, BM, NS, NSX, CHX)
+                                BQ, BM, NS, CHX)
     else:
         tau = _block_causal_threshold(z_ptr, sp_ptr, u_ptr, p_g, p_f, p_i, row, P, n_g,
                                       small, lo_b, hi_b, c1_r, c2_r, c1_u, c2_u, K, MAXIT,
@@ -363,42 +365,23 @@ def _block_causal_tau(z_ptr, sp_ptr, u_ptr, p_g, bf_ptr, bi_ptr, row, i_bh, i_bl
 
 
 @triton.jit
-def _base_slots(z_ptr, sp_ptr, row, r_lo, r_hi, P, NSX: tl.constexpr):
-    """Scores of base members (position <= P) among sorted ranks [r_lo, r_hi), at most NSX
-    ranks, as an [NSX] vector; other entries hold -inf, which never counts."""
-    o = r_lo + tl.arange(0, NSX)
-    m = o < r_hi
-    z = tl.load(z_ptr + row + o, mask=m, other=float("-inf"))
-    pos = tl.load(sp_ptr + row + o, mask=m, other=P + 1)
-    return tl.where(pos <= P, z, float("-inf"))
-
-
-@triton.jit
 def _causal_tau_slots(z_ptr, sp_ptr, row, P, p_f, p_i, lo_b, hi_b, c1_r, c1_u, c2_u, ends,
-                      K, MAXIT, big, z_cut, u_e, m_e, bend, o_q, in_regs,
+                      K, MAXIT, big, z_cut, u_e, m_e, bend, o_q,
                       BQ: tl.constexpr, BM: tl.constexpr, NS: tl.constexpr,
-                      NSX: tl.constexpr, CHX: tl.constexpr):
-    """Newton per query on f(t) = A + D - L (t - lo_b) + clip terms of the bending scores;
-    with ``in_regs`` every operand is in registers (no memory access inside the iteration),
-    else the base's bending scores are re-read from their rank ranges on each step.
+                      CHX: tl.constexpr):
+    """Newton per query on f(t) = A + D - L (t - lo_b) + clip terms of the bending scores.
 
     For t in [lo_b, hi_b] a score y contributes 1 if y >= hi_b + 1, (y - t) if
     hi_b < y < lo_b + 1, 0 if y <= lo_b, and bends otherwise. The base's counts at lo_b
     (from its boundary) less its bending members give the base's part of A, L and D; each
     query adds its own extras' constant and linear parts. The base's bending members are
-    two short rank ranges of the sort, ``[c2_u, ends)`` and ``[c1_u, c1_r)``; the bending
-    extras are few and go to NS slots.
+    two short rank ranges of the sort, ``[c2_u, ends)`` and ``[c1_u, c1_r)``; the extras'
+    are few and live in NS register slots.
     """
     lo1 = lo_b + 1.0
     tr = tl.zeros([BQ], tl.float32) + lo_b
-    x1 = _base_slots(z_ptr, sp_ptr, row, c2_u, ends, P, NSX)
-    x2 = _base_slots(z_ptr, sp_ptr, row, c1_u, c1_r, P, NSX)
-    if in_regs:
-        xs1, xm1, xd1 = _mid_terms(x1[None, :], tr, tr + 1.0)
-        xs2, xm2, xd2 = _mid_terms(x2[None, :], tr, tr + 1.0)
-    else:
-        xs1, xm1, xd1 = _range_terms(z_ptr, sp_ptr, row, c2_u, ends, P, tr, tr + 1.0, BQ, CHX)
-        xs2, xm2, xd2 = _range_terms(z_ptr, sp_ptr, row, c1_u, c1_r, P, tr, tr + 1.0, BQ, CHX)
+    xs1, xm1, xd1 = _range_terms(z_ptr, sp_ptr, row, c2_u, ends, P, tr, tr + 1.0, BQ, CHX)
+    xs2, xm2, xd2 = _range_terms(z_ptr, sp_ptr, row, c1_u, c1_r, P, tr, tr + 1.0, BQ, CHX)
     x_sat = tl.max(xs1 + xs2, axis=0)
     x_mid = tl.max(xm1 + xm2, axis=0)
     x_d = tl.max(xd1 + xd2, axis=0)
@@ -423,12 +406,8 @@ def _causal_tau_slots(z_ptr, sp_ptr, row, P, p_f, p_i, lo_b, hi_b, c1_r, c1_u, c
     it = MAXIT * 0
     while tl.max(active.to(tl.int32), axis=0) > 0:
         t1 = t + 1.0
-        if in_regs:
-            s_1, n_1, d_1 = _mid_terms(x1[None, :], t, t1)
-            s_2, n_2, d_2 = _mid_terms(x2[None, :], t, t1)
-        else:
-            s_1, n_1, d_1 = _range_terms(z_ptr, sp_ptr, row, c2_u, ends, P, t, t1, BQ, CHX)
-            s_2, n_2, d_2 = _range_terms(z_ptr, sp_ptr, row, c1_u, c1_r, P, t, t1, BQ, CHX)
+        s_1, n_1, d_1 = _range_terms(z_ptr, sp_ptr, row, c2_u, ends, P, t, t1, BQ, CHX)
+        s_2, n_2, d_2 = _range_terms(z_ptr, sp_ptr, row, c1_u, c1_r, P, t, t1, BQ, CHX)
         s_y, n_y, d_y = _mid_terms(ys, t, t1)
         s_all = a_q + s_1 + s_2 + s_y
         n_all = l_q + n_1 + n_2 + n_y
