@@ -124,6 +124,7 @@ def test_an_archive_without_a_layer_the_host_lacks_is_refused(
     archive = tmp_path / "too-small.tar.gz"
     stats = write_archive(docker_client, small_image, SMALL, claims_all, layout, archive)
     # Only the top layer travels (its folder is never predicted, so never left out).
+    assert stats.layers_sent == 1
     assert list(layer_entries(archive, layout).values()) == [small_image.diff_ids[-1]]
     docker_client.api.remove_image(SMALL)
     assert host_view(SMALL).held_mask(small_image) == (True, False, False)

@@ -60,30 +60,27 @@ class BuiltImage:
         return self.info.image_id
 
 
+_DAEMON_HINT = "is the Docker daemon running? `docker info` must answer (or set DOCKER_HOST)"
+
+
 @contextmanager
-def docker_errors(action: str) -> Iterator[None]:
+def docker_errors(action: str, hint: str | None = None) -> Iterator[None]:
     """Translate whatever Docker or its transport raises into ``ImageError``."""
     try:
         yield
     except ImageError:
         raise
     except (DockerException, OSError, TransportError) as exc:
+        if "permission denied" in str(exc).lower():
+            hint = "this user may not use the Docker socket; join the docker group"
         raise ImageError(f"{action} failed: {type(exc).__name__}: {exc}",
-                         hint=_hint_for(exc)) from exc
-
-
-def _hint_for(exc: BaseException) -> str:
-    text = str(exc)
-    if "Connection aborted" in text or "FileNotFoundError" in text or "connect" in text.lower():
-        return "is the Docker daemon running? `docker info` must answer (or set DOCKER_HOST)"
-    if "permission denied" in text.lower():
-        return "this user may not use the Docker socket; join the docker group or use root"
-    return "`docker info` and the daemon's log may say more"
+                         hint=hint or "`docker info` and the daemon's log may say more"
+                         ) from exc
 
 
 def docker_client(timeout_s: float = DEFAULT_TIMEOUT_S) -> docker.DockerClient:
     """A client for the daemon named by the environment (DOCKER_HOST or the local socket)."""
-    with docker_errors("connecting to the Docker daemon"):
+    with docker_errors("connecting to the Docker daemon", _DAEMON_HINT):
         client = docker.from_env(timeout=int(timeout_s))
         client.ping()
         return client
