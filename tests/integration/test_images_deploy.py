@@ -24,7 +24,7 @@ from sparsek_remote.settings import Settings
 from tests.integration import docker_fixtures
 from tests.integration.docker_fixtures import LoopbackSshd, ScratchDaemon
 from tests.integration.test_images_build import TINY_JOB
-from tests.integration.test_images_context import copy_inputs
+from tests.integration.test_images_context import PROJECT_ROOT, copy_inputs
 
 pytestmark = pytest.mark.integration
 
@@ -33,6 +33,7 @@ base_image = docker_fixtures.base_image
 wheel_dir = docker_fixtures.wheel_dir
 project_root_session = docker_fixtures.project_root_session
 project_context = docker_fixtures.project_context
+project_image = docker_fixtures.project_image
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +172,24 @@ def _shell_words(argv: list[str]) -> str:
     import shlex
 
     return " ".join(shlex.quote(word) for word in argv)
+
+
+def test_deploy_readies_a_bare_and_a_docker_host_of_the_ssh_lab(
+        hosts, write_env, project_context, project_image) -> None:
+    """The lab's hosts have their own addresses and share this machine's daemon, so the
+    docker one already holds the image: it is verified, not sent."""
+    from sparsek_remote.settings import load_settings
+
+    env = write_env(hosts["alpha"], hosts["gamma"])
+    env.write_text(env.read_text().replace("SPARSEK_HOSTS__GAMMA__KIND=bare",
+                                           "SPARSEK_HOSTS__GAMMA__KIND=docker"))
+    settings = load_settings(env)
+    outcome = workflow.deploy(settings, project_root=PROJECT_ROOT, aliases=["alpha", "gamma"],
+                              options=project_context.options)
+    assert outcome.error() is None, outcome.error()
+    bare, docker_host = outcome.hosts["alpha"], outcome.hosts["gamma"]
+    assert bare.kind == "bare" and bare.wheels_tag
+    assert (hosts["alpha"].remote_path / "venv" / "bin" / "python").exists()
+    assert docker_host.kind == "docker" and docker_host.ship.wire_bytes == 0
+    assert docker_host.image_id == outcome.image.image_id
+    assert workflow.load_deployment(settings.state_dir, "gamma").tag == outcome.image.tag
