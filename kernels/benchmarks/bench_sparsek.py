@@ -202,8 +202,10 @@ def sweep_configs(job: JobSpec, device: str) -> str:
             try:
                 launch_forward(*args, o, lse, config=cfg)
                 diff = float((o.float() - want.float()).norm() / want.float().norm())
-                ms = triton.testing.do_bench(lambda: launch_forward(*args, o, lse, config=cfg),
-                                             return_mode="median")
+                def run(args=args, o=o, lse=lse, cfg=cfg):
+                    launch_forward(*args, o, lse, config=cfg)
+
+                ms = triton.testing.do_bench(run, return_mode="median")
                 lines.append(f"{case.name} BM{bm} HG{heads} BN{bn} w{warps} s{stages}: "
                              f"{ms * 1e3:9.1f} us  diff {diff:.1e}")
             except Exception as exc:  # a config that does not compile is a data point

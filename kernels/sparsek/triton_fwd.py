@@ -18,11 +18,8 @@ import triton
 
 from sparsek._checks import check_attention_inputs, check_out, check_triton_head_dim
 from sparsek.triton_attn import sparsek_attn_fwd_kernel
-from sparsek.triton_select import (
-    sparsek_block_causal_fwd_kernel,
-    sparsek_block_noncausal_fwd_kernel,
-    sparsek_boundary_fwd_kernel,
-)
+from sparsek.triton_select import sparsek_block_causal_fwd_kernel, sparsek_boundary_fwd_kernel
+from sparsek.triton_select_noncausal import sparsek_block_noncausal_fwd_kernel
 
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from sparsek.reference import sparsek_attention_reference, sparsek_mask
 
-KERNEL_MODULES = ("sparsek.triton_select", "sparsek.triton_attn", "sparsek.triton_fwd")
+KERNEL_MODULES = ("sparsek.triton_select", "sparsek.triton_select_noncausal",
+                  "sparsek.triton_attn", "sparsek.triton_fwd")
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 LSE_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16

@@ -1,0 +1,143 @@
+"""Non-causal selection kernel of the Triton SparseK forward.
+
+Query i's candidates are every position outside its window ``(i - W, i + W)``: the whole
+sort minus at most 2W - 1 scores. So its threshold equation is the all-positions sum
+(binary searches and float64 prefix sums of the sort) minus the window's terms, solved per
+query by the safeguarded Newton iteration of ``triton_select``; the cut (rank of the K-th
+best candidate) is a fixed point on the window's ranks.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from sparsek.triton_select import _mid_terms, _newton_step, _outward
+
+
+@triton.jit
+def sparsek_block_noncausal_fwd_kernel(
+    z_ptr, sp_ptr, rank_ptr, zpre_ptr, u_ptr, g_ptr, tau_ptr, rk_ptr, cnt_ptr,
+    S, NBLK, K, W, MAXIT, LOGS,
+    BM: tl.constexpr, BQ: tl.constexpr, NW: tl.constexpr, NR: tl.constexpr,
+    CH: tl.constexpr,
+):
+    """Non-causal selection of one block: list g [BH, NBLK, K], tau, rk and cnt [BH, S].
+
+    Query i's candidates are every position outside its window ``(i - W, i + W)``, so its
+    threshold equation is the all-positions sum (from the sort's prefix sums) minus at
+    most 2W - 1 window terms. The block's base is everything outside the union of its
+    windows, ``[i0 - W + 1, i0 + BM + W - 2]``. A program handles BQ of the block's queries;
+    the first of them also writes the block's list.
+    """
+    NSUB: tl.constexpr = BM // BQ
+    i_blk = tl.program_id(0) // NSUB
+    i_sub = tl.program_id(0) % NSUB
+    i_bh = tl.program_id(1)
+    row = i_bh.to(tl.int64) * S
+    i0 = i_blk * BM
+    q_pos = i0 + i_sub * BQ + tl.arange(0, BQ)
+    m_q = q_pos < S
+    has_w = W > 0
+    r_lo = tl.where(has_w, tl.maximum(i0 - W + 1, 0), 0)
+    r_hi = tl.where(has_w, tl.minimum(i0 + BM + W - 2, S - 1), -1)
+    n_g = tl.minimum(S - (r_hi - r_lo + 1), K)
+    p_g = g_ptr + (i_bh.to(tl.int64) * NBLK + i_blk) * K
+    if i_sub == 0:
+        _walk_outside(z_ptr, sp_ptr, p_g, row, r_lo, r_hi, n_g, S, CH)
+    w_lo = tl.maximum(q_pos - W + 1, 0)
+    w_hi = tl.minimum(q_pos + W - 1, S - 1)
+    n_c = S - tl.maximum(w_hi - w_lo + 1, 0)
+    big = m_q & (n_c > K)
+    # Window members of each query, as a [BM, NW] tile of positions.
+    w_pos = q_pos[:, None] - W + 1 + tl.arange(0, NW)[None, :]
+    m_w = big[:, None] & (w_pos >= w_lo[:, None]) & (w_pos <= w_hi[:, None])
+    r_w = tl.load(rank_ptr + row + w_pos, mask=m_w, other=S + 1)
+    # The cut: smallest r with r + 1 - #{window ranks <= r} = K.
+    rk = tl.zeros([BQ], tl.int32) + K - 1
+    go = tl.max(big.to(tl.int32), axis=0) > 0
+    while go:
+        r_new = K - 1 + tl.sum((r_w <= rk[:, None]).to(tl.int32), axis=1)
+        go = tl.max((r_new != rk).to(tl.int32), axis=0) > 0
+        rk = r_new
+    rk = tl.minimum(rk, S - 1)
+    o_r = r_lo + tl.arange(0, NR)
+    r_in = tl.load(rank_ptr + row + o_r, mask=o_r <= r_hi, other=S + 1)
+    cnt = rk + 1 - tl.sum((r_in[None, :] <= rk[:, None]).to(tl.int32), axis=1)
+    z_cut = tl.load(z_ptr + row + rk, mask=big, other=0.0)
+    u_w = tl.load(u_ptr + row + w_pos, mask=m_w, other=float("-inf"))
+    row1 = i_bh.to(tl.int64) * (S + 1)
+    tau = _noncausal_threshold(z_ptr, zpre_ptr, row, row1, S, K, MAXIT, LOGS, big, z_cut,
+                               u_w, BQ)
+    cnt = tl.where(big, cnt, n_g)
+    rk = tl.where(big, rk, S)
+    tl.store(tau_ptr + row + q_pos, tau, mask=m_q)
+    tl.store(rk_ptr + row + q_pos, rk, mask=m_q)
+    tl.store(cnt_ptr + row + q_pos, cnt, mask=m_q)
+
+
+@triton.jit
+def _walk_outside(z_ptr, sp_ptr, p_g, row, r_lo, r_hi, n_g, S, CH: tl.constexpr):
+    """Write the first n_g positions of the sort that lie outside [r_lo, r_hi]."""
+    cnt = n_g * 0
+    r0 = n_g * 0
+    while cnt < n_g:
+        o = r0 + tl.arange(0, CH)
+        m_in = o < S
+        b_p = tl.load(sp_ptr + row + o, mask=m_in, other=0)
+        m_base = m_in & ((b_p < r_lo) | (b_p > r_hi))
+        idx = cnt + tl.cumsum(m_base.to(tl.int32), axis=0) - 1
+        tl.store(p_g + idx, b_p, mask=m_base & (idx < n_g))
+        cnt += tl.sum(m_base.to(tl.int32), axis=0)
+        r0 += CH
+
+
+@triton.jit
+def _count_above(z_ptr, row, t, S, LOGS, STRICT: tl.constexpr, BM: tl.constexpr):
+    """#{z > t} (STRICT) or #{z >= t} for each t [BM], by binary search of the sort."""
+    lo = tl.zeros([BM], tl.int32)
+    hi = lo + S
+    for _ in range(LOGS):
+        m_act = lo < hi
+        mid = (lo + hi) // 2
+        b_z = tl.load(z_ptr + row + mid, mask=m_act, other=0.0)
+        if STRICT:  # noqa: SIM108 (a constexpr branch; Triton compiles one side)
+            right = m_act & (b_z > t)
+        else:
+            right = m_act & (b_z >= t)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(m_act & (right == 0), mid, hi)
+    return lo
+
+
+@triton.jit
+def _noncausal_threshold(z_ptr, zpre_ptr, row, row1, S, K, MAXIT, LOGS, big, z_cut, u_w,
+                         BM: tl.constexpr):
+    """Per-query Newton on f_all(t) - f_window(t) for the queries marked ``big``; the
+    prefix sums of the sort start at row1 (S + 1 entries per row)."""
+    lo, hi = _outward(z_cut - 1.0, z_cut)
+    t = hi
+    prev_s = tl.zeros([BM], tl.int32) - 1
+    prev_n = prev_s
+    newton = prev_s > 0
+    active = big
+    it = MAXIT * 0
+    while tl.max(active.to(tl.int32), axis=0) > 0:
+        t1 = t + 1.0
+        c_gt = _count_above(z_ptr, row, t, S, LOGS, True, BM)
+        c_ge1 = _count_above(z_ptr, row, t1, S, LOGS, False, BM)
+        zsum = (tl.load(zpre_ptr + row1 + c_gt, mask=active, other=0.0)
+                - tl.load(zpre_ptr + row1 + c_ge1, mask=active, other=0.0))
+        s_w, n_w, d_w = _mid_terms(u_w, t, t1)
+        s_all = c_ge1 - s_w
+        n_all = c_gt - c_ge1 - n_w
+        f = (s_all.to(tl.float64) + zsum - (c_gt - c_ge1).to(tl.float64) * t.to(tl.float64)
+             - d_w.to(tl.float64))
+        done = (newton & (s_all == prev_s) & (n_all == prev_n)) | (f == K) | (it >= MAXIT)
+        t_next, lo, hi, newton, settled = _newton_step(t, f, n_all, lo, hi, K)
+        done = done | settled | (t_next <= lo) | (t_next >= hi)
+        prev_s, prev_n = s_all, n_all
+        active = active & (done == 0)
+        t = tl.where(active, t_next, t)
+        it += 1
+    return tl.where(big, t, float("-inf"))
