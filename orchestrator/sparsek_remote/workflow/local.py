@@ -96,17 +96,20 @@ def make_report(runs: list[str], settings: Settings, *, baseline: str | None = N
                 out_dir: Path | None = None) -> report.Report:
     """Load, re-validate and report on stored runs (one, or two to compare)."""
     data: list[report.RunData] = []
+    folders: list[Path] = []
     for run in runs:
         stored = artifacts.load_run(settings.results_dir, run)
+        folders.append(stored.path or settings.results_dir / stored.run_id)
         for host, bundle in sorted(stored.bundles.items()):
             data.append(report.RunData(stored.run_id, host, bundle.manifest, bundle.results))
     if not data:
         raise ConfigError(f"no bundles found for {', '.join(runs)}")
     if out_dir is None:
         ids = list(dict.fromkeys(d.run_id for d in data))  # the order the user named
-        # Not a valid host alias, so a report folder is never mistaken for a bundle.
+        # Not a valid host alias, so a report folder is never mistaken for a bundle. It
+        # lands beside the newest run named, wherever that run is stored.
         name = "_report" if len(ids) == 1 else f"_compare-{ids[0]}"
-        out_dir = settings.results_dir / ids[-1] / name
+        out_dir = folders[-1] / name
     return report.write_report(data, out_dir, baseline=baseline)
 
 
