@@ -305,7 +305,11 @@ def _describe(exc: ValidationError, lines: dict[tuple, int]) -> list[str]:
         field = _dotted(loc) or "(top level)"
         line = _line_for(loc, lines)
         where = f"line {line}: " if line else ""
-        problems.append(f"{where}{field}: {_message(err)}")
+        message = _message(err)
+        if loc[:1] == ("targets",) and err["type"] == "string_pattern_mismatch":
+            message = ("a host alias: lower-case letters, digits, '_' and '-' only, as "
+                       "named in .env (or 'local')")
+        problems.append(f"{where}{field}: {message}")
     return problems
 
 

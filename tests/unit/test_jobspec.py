@@ -100,7 +100,7 @@ HOSTILE["shell in implementation name"] = (
     _mutate("    impl: reference", "    impl: reference\n    name: '$(id)'"),
     ["implementations[0].name", "only letters"])
 HOSTILE["shell in target"] = (_mutate("cases:", "targets: ['h100;id']\ncases:"),
-                              ["targets[0]", "only letters"])
+                              ["targets[0]", "host alias"])
 HOSTILE["shell in dtype"] = (_mutate("dtype: float32", "dtype: 'float32;id'"),
                              ["cases[0].dtype"])
 HOSTILE["shell in device"] = (_mutate("cases:", "device: 'cuda`id`'\ncases:"), ["device"])
