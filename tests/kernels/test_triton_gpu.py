@@ -12,48 +12,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsek.reference import sparsek_attention_reference, sparsek_mask
+from sparsek.reference import sparsek_mask
+from tests.kernels.triton_check import (
+    check_against_reference,
+    forward,
+    rel,
+)
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-LSE_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
-
-
-def _forward(x, **kw):
-    from sparsek.triton_fwd import sparsek_attention_triton
-
-    out = torch.full_like(x.q, torch.nan)
-    lse = torch.full(x.q.shape[:3], torch.nan, device=x.q.device)
-    return sparsek_attention_triton(x.q, x.k, x.v, x.u, out=out, lse_out=lse, **kw)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    den = b.norm()
-    return float((a.double() - b).norm() / (den if den > 0 else 1.0))
-
-
-def _check_against_reference(x, dtype, **kw):
-    o, lse = _forward(x, **kw)
-    assert not o.isnan().any() and not lse.isnan().any(), "an output element was not written"
-    x64 = x.to(torch.float64)
-    want, want_lse = sparsek_attention_reference(x64.q, x64.k, x64.v, x64.u, **kw)
-    err = _rel(o, want)
-    assert err < TOLERANCE[dtype], f"rel error {err:.3e}"
-    if dtype != torch.float32:
-        low, _ = sparsek_attention_reference(x.q, x.k, x.v, x.u, **kw)
-        ref_err = _rel(low, want)
-        assert err <= 2 * ref_err + 1e-6, f"rel error {err:.3e} > 2 x reference {ref_err:.3e}"
-    empty = torch.isneginf(want_lse)
-    assert torch.equal(torch.isneginf(lse), empty)
-    assert (o[empty] == 0).all()
-    if (~empty).any():
-        lse_err = float((lse.double() - want_lse)[~empty].abs().max())
-        assert lse_err < LSE_TOLERANCE[dtype], f"lse error {lse_err:.3e}"
 
 
 # (B, Hq, Hkv, S, D, K, W, causal, dtype): the interpreter's cases and larger ones that
@@ -85,19 +56,19 @@ CASES = [
 def test_forward_matches_reference(make_inputs, B, Hq, Hkv, S, D, K, W, causal, dtype):
     x = make_inputs(batch=B, q_heads=Hq, kv_heads=Hkv, seq_len=S, dim=D, dtype=dtype,
                     device="cuda")
-    _check_against_reference(x, dtype, kv_budget=K, window=W, causal=causal, scale=None)
+    check_against_reference(x, dtype, kv_budget=K, window=W, causal=causal, scale=None)
 
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_ties_and_dense_limits(make_inputs, causal):
     x = make_inputs(q_heads=4, kv_heads=2, seq_len=700, dim=64, dtype=F32, u_levels=6,
                     device="cuda")
-    _check_against_reference(x, F32, kv_budget=50, window=9, causal=causal, scale=0.2)
-    o, _ = _forward(x, kv_budget=700, window=0, causal=causal, scale=None)
+    check_against_reference(x, F32, kv_budget=50, window=9, causal=causal, scale=0.2)
+    o, _ = forward(x, kv_budget=700, window=0, causal=causal, scale=None)
     x64 = x.to(torch.float64)
     want = F.scaled_dot_product_attention(x64.q, x64.k, x64.v, is_causal=causal,
                                           enable_gqa=True)
-    assert _rel(o, want) < 1e-5
+    assert rel(o, want) < 1e-5
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -127,9 +98,9 @@ def test_selection_matches_the_mask(seed, pattern, causal):
 def test_repeated_calls_give_identical_outputs(make_inputs):
     x = make_inputs(batch=2, q_heads=8, kv_heads=2, seq_len=3000, dim=128, dtype=BF16,
                     device="cuda")
-    first = _forward(x, kv_budget=300, window=100, causal=True, scale=None)
+    first = forward(x, kv_budget=300, window=100, causal=True, scale=None)
     for _ in range(3):
-        again = _forward(x, kv_budget=300, window=100, causal=True, scale=None)
+        again = forward(x, kv_budget=300, window=100, causal=True, scale=None)
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 

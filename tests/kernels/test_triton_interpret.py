@@ -18,12 +18,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsek.reference import sparsek_attention_reference, sparsek_mask
+from sparsek.reference import sparsek_mask
+from tests.kernels.triton_check import (
+    check_against_reference,
+    forward,
+    rel,
+)
 
 KERNEL_MODULES = ("sparsek.triton_select", "sparsek.triton_select_noncausal",
                   "sparsek.triton_attn", "sparsek.triton_fwd")
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-LSE_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 
@@ -53,40 +56,6 @@ def interpreter():
         os.environ["TRITON_INTERPRET"] = before
 
 
-def _forward(x, **kw):
-    from sparsek.triton_fwd import sparsek_attention_triton
-
-    out = torch.full_like(x.q, torch.nan)
-    lse = torch.full(x.q.shape[:3], torch.nan)
-    o, lse_o = sparsek_attention_triton(x.q, x.k, x.v, x.u, out=out, lse_out=lse, **kw)
-    assert o is out and lse_o is lse
-    return o, lse
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    den = b.norm()
-    return float((a.double() - b).norm() / (den if den > 0 else 1.0))
-
-
-def _check_against_reference(x, dtype, **kw):
-    o, lse = _forward(x, **kw)
-    assert not o.isnan().any() and not lse.isnan().any(), "an output element was not written"
-    x64 = x.to(torch.float64)
-    want, want_lse = sparsek_attention_reference(x64.q, x64.k, x64.v, x64.u, **kw)
-    err = _rel(o, want)
-    assert err < TOLERANCE[dtype], f"rel error {err:.3e}"
-    if dtype != torch.float32:
-        low, _ = sparsek_attention_reference(x.q, x.k, x.v, x.u, **kw)
-        ref_err = _rel(low, want)
-        assert err <= 2 * ref_err + 1e-6, f"rel error {err:.3e} > 2 x reference {ref_err:.3e}"
-    empty = torch.isneginf(want_lse)
-    assert torch.equal(torch.isneginf(lse), empty)
-    assert (o[empty] == 0).all()
-    if (~empty).any():
-        lse_err = float((lse.double() - want_lse)[~empty].abs().max())
-        assert lse_err < LSE_TOLERANCE[dtype], f"lse error {lse_err:.3e}"
-
-
 # (B, Hq, Hkv, S, D, K, W, causal, dtype): S in {1, 63, 100, 257}, K in {0, 1, 7, >= S},
 # W in {0, 1, 16}, GQA groups 1, 4 and 8, D 64 and 128, all three dtypes.
 CASES = [
@@ -111,22 +80,22 @@ CASES = [
 @pytest.mark.parametrize(("B", "Hq", "Hkv", "S", "D", "K", "W", "causal", "dtype"), CASES)
 def test_forward_matches_reference(make_inputs, B, Hq, Hkv, S, D, K, W, causal, dtype):
     x = make_inputs(batch=B, q_heads=Hq, kv_heads=Hkv, seq_len=S, dim=D, dtype=dtype)
-    _check_against_reference(x, dtype, kv_budget=K, window=W, causal=causal, scale=None)
+    check_against_reference(x, dtype, kv_budget=K, window=W, causal=causal, scale=None)
 
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_ties_in_scores_follow_the_smaller_position(make_inputs, causal):
     x = make_inputs(q_heads=2, kv_heads=1, seq_len=100, dim=64, dtype=F32, u_levels=5)
-    _check_against_reference(x, F32, kv_budget=7, window=1, causal=causal, scale=0.3)
+    check_against_reference(x, F32, kv_budget=7, window=1, causal=causal, scale=0.3)
 
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_budget_at_least_length_is_dense_attention(make_inputs, causal):
     x = make_inputs(q_heads=2, kv_heads=2, seq_len=63, dim=64, dtype=F32)
-    o, lse = _forward(x, kv_budget=63, window=5, causal=causal, scale=None)
+    o, lse = forward(x, kv_budget=63, window=5, causal=causal, scale=None)
     x64 = x.to(torch.float64)
     want = F.scaled_dot_product_attention(x64.q, x64.k, x64.v, is_causal=causal)
-    assert _rel(o, want) < 1e-5
+    assert rel(o, want) < 1e-5
 
 
 def _selected(sel, S: int, K: int, W: int, causal: bool, block: int) -> torch.Tensor:
