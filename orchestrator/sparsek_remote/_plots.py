@@ -14,14 +14,15 @@ import io
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-import matplotlib
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
-from matplotlib.ticker import FuncFormatter, NullFormatter
+from typing import TYPE_CHECKING
 
 from sparsek_remote.schema import CaseResult, Ceilings
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+# matplotlib is imported where a chart is drawn, not here: it costs most of a second, and
+# every command would pay it at start-up (the report module is reached from the CLI).
 
 DPI = 110
 # A spread of values wider than this is drawn on a log axis, so that a 50 us case
@@ -163,6 +164,8 @@ def roofline_chart(points: Sequence[RoofPoint], roofs: Sequence[tuple[str, float
         ax.plot(grid, [min(peak, x * gbps / 1e3) for x in grid], color="black", linewidth=1,
                 linestyle="--" if dtype != roofs[0][0] else "-",
                 label=f"ceiling {dtype}: {peak:.4g} TFLOP/s, {gbps:.4g} GB/s")
+    import matplotlib
+
     colours = matplotlib.colormaps["tab10"]
     for i, name in enumerate(_unique(p.series for p in points)):
         for source, filled in (("timing", False), ("ncu", True)):
@@ -240,6 +243,8 @@ def grouped_bars(bars: Sequence[Bar], *, title: str, ylabel: str,
     fig = _figure(width_in=min(26.0, max(8.5, 3.2 + 0.45 * len(groups) * len(series))),
                   height_in=5.0)
     ax = fig.add_subplot()
+    import matplotlib
+
     colours = matplotlib.colormaps["tab10"]
     log = _wants_log([b.value for b in bars] + [reference])
     for i, name in enumerate(series):
@@ -263,6 +268,8 @@ def _finish_grouped_axes(ax, groups: list[str], *, title: str, ylabel: str, log:
     ax.set_xlim(-0.5, len(groups) - 0.5)
     if log:
         ax.set_yscale("log")
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(NullFormatter())
     elif reference is not None:
@@ -293,6 +300,8 @@ def change_chart(deltas: Sequence[Delta], *, title: str) -> bytes:
     ax.set_xlabel("change of the median, % (positive is slower)")
     ax.set_title(_plain(title), fontsize=10)
     ax.grid(axis="x", alpha=0.3)
+    from matplotlib.patches import Patch
+
     handles = [Patch(color=c, label=v) for v, c in VERDICT_COLOURS.items()]
     handles.append(Patch(color="#e5e7e9", label="noise band"))
     ax.legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -332,6 +341,9 @@ def _wants_log(values: list[float | None]) -> bool:
 
 
 def _figure(*, width_in: float, height_in: float) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width_in, height_in), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
