@@ -3,24 +3,11 @@
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
 
 import pytest
 import torch
 
-
-@dataclass(frozen=True)
-class Inputs:
-    """q [B, Hq, S, D], k and v [B, Hkv, S, D], u float32 [B, Hkv, S]."""
-
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    u: torch.Tensor
-
-    def to(self, dtype: torch.dtype) -> Inputs:
-        """The same values with q, k, v in ``dtype`` (u stays float32)."""
-        return Inputs(self.q.to(dtype), self.k.to(dtype), self.v.to(dtype), self.u)
+from sparsek.runner.inputs import Inputs
 
 
 @pytest.fixture

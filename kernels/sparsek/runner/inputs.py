@@ -24,6 +24,10 @@ class Inputs:
     v: torch.Tensor
     u: torch.Tensor
 
+    def to(self, dtype: torch.dtype) -> Inputs:
+        """The same values with q, k, v in ``dtype`` (u stays as it is)."""
+        return Inputs(self.q.to(dtype), self.k.to(dtype), self.v.to(dtype), self.u)
+
 
 def torch_dtype(case: Case) -> torch.dtype:
     return TORCH_DTYPES[case.dtype]
