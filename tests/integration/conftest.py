@@ -14,6 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.docker_fixtures import (  # noqa: F401  (fixtures for every module)
+    base_image,
+    docker_client,
+    project_context,
+    project_image,
+    project_root_session,
+    wheel_dir,
+)
 from tests.integration.sshlab import SshHost, SshLab, make_user_key
 
 PASSPHRASE = "correct horse battery staple 7f3a"

@@ -18,7 +18,6 @@ import pytest
 from sparsek_remote import artifacts
 from sparsek_remote.settings import load_settings
 from sparsek_remote.workflow import load_deployment
-from tests.integration import docker_fixtures
 from tests.integration.conftest import PASSPHRASE, stored_bundles
 from tests.integration.test_images_context import copy_inputs
 from tests.integration.test_ssh_run import all_text, run_id_of
@@ -26,12 +25,6 @@ from tests.unit.cli_helpers import cli
 
 pytestmark = pytest.mark.integration
 
-docker_client = docker_fixtures.docker_client
-base_image = docker_fixtures.base_image
-wheel_dir = docker_fixtures.wheel_dir
-project_root_session = docker_fixtures.project_root_session
-project_context = docker_fixtures.project_context
-project_image = docker_fixtures.project_image
 
 
 def deploy_options(context) -> list[str]:

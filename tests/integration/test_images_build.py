@@ -19,13 +19,7 @@ from tests.integration.test_images_context import copy_inputs
 
 pytestmark = pytest.mark.integration
 
-# The session's daemon, base image and project image, shared by the image tests.
-docker_client = docker_fixtures.docker_client
-base_image = docker_fixtures.base_image
-wheel_dir = docker_fixtures.wheel_dir
-project_context = docker_fixtures.project_context
-project_image = docker_fixtures.project_image
-project_root_session = docker_fixtures.project_root_session
+# The daemon, base image and project image fixtures come from conftest.py.
 build_options_for_tests = docker_fixtures.build_options_for_tests
 remove_image = docker_fixtures.remove_image
 

@@ -28,12 +28,6 @@ from tests.integration.test_images_context import PROJECT_ROOT, copy_inputs
 
 pytestmark = pytest.mark.integration
 
-docker_client = docker_fixtures.docker_client
-base_image = docker_fixtures.base_image
-wheel_dir = docker_fixtures.wheel_dir
-project_root_session = docker_fixtures.project_root_session
-project_context = docker_fixtures.project_context
-project_image = docker_fixtures.project_image
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,6 @@ from tests.integration import docker_fixtures
 
 pytestmark = pytest.mark.integration
 
-docker_client = docker_fixtures.docker_client
-base_image = docker_fixtures.base_image
-wheel_dir = docker_fixtures.wheel_dir
-project_image = docker_fixtures.project_image
-project_context = docker_fixtures.project_context
-project_root_session = docker_fixtures.project_root_session
 
 SMALL = "sparsek-test-small:layers"
 HOLDER = "sparsek-test-holder:layers"
