@@ -89,6 +89,9 @@ def _measurement_table(timed: Sequence[CaseResult]) -> str:
                              else "")
         if t.rotation_sets > 1:
             method += f", {t.rotation_sets} input sets"
+        if t.host_bound:
+            method += (f"; host-bound: {num(t.host_enqueue_ms)} ms to queue a call, "
+                       "so a loop of calls runs at the host's pace")
         rows.append([f"`{r.implementation}`", str(t.stats.n), md(method), _ci(r),
                      t.stop_reason or NO_NUMBER, _card_change(r.card_before, r.card_after),
                      _throttle_cell(r)])

@@ -219,7 +219,10 @@ class Timing(_FromHost):
     number; "wall-clock" samples are host-timed calls on the CPU. Calls cycle over
     ``rotation_sets`` copies of the inputs. ``stop_reason`` says what ended sampling:
     the median's 95% CI reached ``target_ci_rel`` ("ci"), the time budget ran out
-    ("budget"), or the sample cap was reached ("repetitions").
+    ("budget"), or the sample cap was reached ("repetitions"). ``host_enqueue_ms`` is
+    the host's median time to queue one call; event-timed samples were preceded by a
+    GPU spin of ``head_start_us`` so the GPU never waited for the host inside one.
+    When the host's time exceeds the median, calls in a loop run at the host's pace.
     """
 
     method: Literal["cuda-events", "cuda-graph", "wall-clock"]
@@ -233,6 +236,13 @@ class Timing(_FromHost):
     stop_reason: Literal["ci", "budget", "repetitions"] | None = None
     target_ci_rel: Annotated[float, Field(gt=0, le=1)] | None = None
     graph_fallback: Annotated[str, Field(max_length=2000)] | None = None
+    host_enqueue_ms: NonNegative | None = None
+    head_start_us: NonNegative | None = None
+
+    @property
+    def host_bound(self) -> bool:
+        """The host needs longer to queue one call than the GPU to run it."""
+        return self.host_enqueue_ms is not None and self.host_enqueue_ms > self.stats.median_ms
 
     @model_validator(mode="after")
     def _samples_match(self) -> Timing:

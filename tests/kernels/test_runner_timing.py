@@ -26,8 +26,10 @@ import torch
 from sparsek.runner import cardstate, run_case
 from sparsek.runner.sampling import (
     MAX_GRAPH_CALLS,
+    MAX_HEAD_START_US,
     MAX_ROTATION_SETS,
     calls_per_replay,
+    head_start_us,
     min_samples,
     rotation_count,
     round_size,
@@ -82,6 +84,13 @@ def test_graph_size_fills_the_replay_time_within_bounds():
     assert calls_per_replay(0.001, p) == MAX_GRAPH_CALLS  # a bogus estimate stays bounded
     assert calls_per_replay(900.0, p) == 2          # never a graph of one call
     assert calls_per_replay(5000.0, p) == 2
+
+
+def test_head_start_outlasts_the_hosts_queueing_within_a_cap():
+    assert head_start_us(0.0) == 20.0                 # a margin even for a free call
+    assert head_start_us(400.0) == 820.0              # twice the host's time, plus the margin
+    assert head_start_us(-1.0) == 20.0                # a clock step back is no time
+    assert head_start_us(1e9) == MAX_HEAD_START_US    # a call that waits for the GPU itself
 
 
 def test_rotation_only_when_a_set_fits_in_the_l2():
@@ -390,6 +399,24 @@ def test_long_calls_and_uncapturable_calls_are_timed_with_events():
                                                         max_seconds=2), "cuda")
     assert synced.method == "cuda-events"
     assert synced.graph_fallback.startswith("CUDA graph capture failed")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_a_call_slow_to_queue_is_timed_by_its_gpu_work_not_the_hosts_pace():
+    # 2 ms of host work before a kernel of a few microseconds: without the head start
+    # each event pair would hold the host's 2 ms.
+    x = torch.randn(1 << 20, device="cuda")
+
+    def slow_to_queue():
+        time.sleep(0.002)
+        return x.mul(2.0)
+
+    timing = measure(slow_to_queue, policy(warmup=2, repetitions=30, max_seconds=5,
+                                           graph_below_us=0), "cuda")
+    assert timing.method == "cuda-events"
+    assert timing.host_enqueue_ms >= 2.0 and timing.head_start_us >= 4000
+    assert timing.stats.median_ms < 0.5 and timing.host_bound
 
 
 @pytest.mark.gpu

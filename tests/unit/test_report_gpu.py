@@ -26,10 +26,11 @@ def card(sm: float, temp: float, power: float, reasons: list[str] | None = None)
 
 def measured(case: str, impl: str, median: float, *, method: str = "cuda-events",
              calls: int = 1, sets: int = 1, throttled: bool = False, ncu: dict | None = None,
-             **rates) -> dict:
+             host_ms: float | None = None, **rates) -> dict:
     result = ok(case, impl, samples(median, 0.01), **rates)
     result["timing"].update(method=method, calls_per_sample=calls, rotation_sets=sets,
-                            stop_reason="ci", target_ci_rel=0.01)
+                            stop_reason="ci", target_ci_rel=0.01, host_enqueue_ms=host_ms,
+                            head_start_us=None if host_ms is None else 2e3 * host_ms + 20)
     after = card(1755, 71, 690, ["sw_power_cap"] if throttled else ["gpu_idle"])
     result.update(card_before=card(1980, 45, 310), card_after=after, throttled=throttled,
                   throttle_detail="after: sw_power_cap" if throttled else None, ncu=ncu)
@@ -60,8 +61,9 @@ def gpu_report(tmp_path_factory):
         measured("small", "sparsek-triton", 0.5, method="cuda-graph", calls=100, sets=6,
                  throttled=True, ncu=NCU_OK, tflops=250.0, gbps=1500.0),
         measured("small", "sdpa-math", 8.0, tflops=15.6, gbps=None),
-        measured("small", "sdpa-cudnn", 2.0, tflops=62.5, gbps=375.0,
+        measured("small", "sdpa-cudnn", 2.0, tflops=62.5, gbps=375.0, host_ms=0.05,
                  ncu={"clock_control": "none", "error": PERMISSION}),
+        measured("small", "sdpa-efficient", 1.5, host_ms=2.5),
         gate_failed("large", "sparsek-triton"),
         measured("large", "sdpa-cudnn", 10.0),
     ])
@@ -99,6 +101,10 @@ def test_each_timing_says_how_it_was_sampled_and_the_card_around_it(gpu_report):
     assert cells[3] == "0.498 – 0.5025 ms (±0.50%)"
     assert cells[4] == "ci"
     assert cells[5] == "1980 → 1755 MHz, 45 → 71 °C, 310 → 690 W"
+    assert row(gpu_report.markdown, "small", "stop", "sdpa-cudnn")[2] == "cuda-events"
+    assert row(gpu_report.markdown, "small", "stop", "sdpa-efficient")[2] == (
+        "cuda-events; host-bound: 2.5 ms to queue a call, so a loop of calls runs at the "
+        "host's pace")
     assert "cuda-graph and cuda-events, warmup 5, L2 flushed" in gpu_report.markdown
     assert "within ±1.0% (after at least 10 samples), 50 samples, or 10 s" in gpu_report.markdown
 

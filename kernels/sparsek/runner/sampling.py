@@ -29,6 +29,14 @@ MAX_ROTATION_SETS = 64
 # Never spend more than this on copies of the inputs, whatever the policy asks.
 MAX_ROTATION_BYTES = 4 * 2**30
 
+# Head start: before each event-timed sample the GPU spins this many times the host's
+# time to queue one call (plus the extra), so the whole call is queued before the first
+# event fires and the sample holds GPU time only, not gaps while the GPU waits for
+# launches. Capped, for calls that wait for the GPU themselves.
+HEAD_START_MULTIPLE = 2.0
+HEAD_START_EXTRA_US = 20.0
+MAX_HEAD_START_US = 50_000.0
+
 StopReason = str  # "ci" | "budget" | "repetitions"
 
 
@@ -36,6 +44,13 @@ def should_use_graph(median_us: float, policy: TimingPolicy) -> bool:
     """Replay a CUDA graph when one call is so short that launch overhead and the
     events' own resolution (about 0.5 us) would be a large part of each sample."""
     return policy.graph_below_us > 0 and 0 < median_us < policy.graph_below_us
+
+
+def head_start_us(host_enqueue_us: float) -> float:
+    """How long the GPU is held before each event-timed sample, given the host's median
+    time to queue one call (flush, events and every launch of the call)."""
+    wanted = HEAD_START_MULTIPLE * max(host_enqueue_us, 0.0) + HEAD_START_EXTRA_US
+    return min(MAX_HEAD_START_US, wanted)
 
 
 def calls_per_replay(median_us: float, policy: TimingPolicy) -> int:
