@@ -10,8 +10,6 @@ import importlib.util
 import json
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,22 +26,8 @@ from tests.kernels.runner_jobs import (
     SPARSEK_REFERENCE,
     case,
     make_job,
+    run_cli,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def run_cli(tmp_path: Path, job_json: str, *extra: str, out: Path | None = None,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    job_file = tmp_path / "job.json"
-    job_file.write_text(job_json, encoding="utf-8")
-    path = os.pathsep.join([str(ROOT / "orchestrator"), str(ROOT / "kernels")])
-    full_env = {**os.environ, "PYTHONPATH": path, **(env or {})}
-    args = [sys.executable, "-m", "sparsek.runner", "--job", str(job_file),
-            "--out", str(out or tmp_path / "bundle"), "--run-id", RUN_ID,
-            "--host-alias", "test-host", *extra]
-    return subprocess.run(args, capture_output=True, text=True, env=full_env, timeout=240,
-                          check=False)
 
 
 def events_of(stdout: str) -> list[dict]:

@@ -7,6 +7,7 @@ listed (nvidia-smi); both are checked here on nvidia-smi's own output format.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -125,7 +126,7 @@ def test_gpus_are_chosen_by_spec_within_what_is_visible():
     assert gpus.parse_spec("all") == "all" and gpus.parse_spec("2") == 2
     assert gpus.parse_spec("0,2") == (0, 2) and gpus.parse_spec("2,") == (2,)
     for bad in ("0", "x", "1,1", "-1"):
-        with pytest.raises(ValueError):
+        with pytest.raises(argparse.ArgumentTypeError, match="'3,' is GPU 3 alone"):
             gpus.parse_spec(bad)
     assert [g.index for g in gpus.choose(listed, (2, 0))] == [2, 0]
     assert [g.index for g in gpus.choose(listed, 2)] == [0, 1]
@@ -139,16 +140,10 @@ def test_gpus_are_chosen_by_spec_within_what_is_visible():
         gpus.visible(listed, "7")
 
 
-def test_workers_are_pinned_by_index_in_pci_order(tmp_path: Path, monkeypatch):
-    # nvidia-smi is absent here: a script answers as it does, and refuses compute_cap
-    # as drivers before 510 do, so the listing falls back to the older query.
-    smi = tmp_path / "nvidia-smi"
-    smi.write_text("#!/bin/sh\ncase \"$1\" in *compute_cap*) echo 'Field \"compute_cap\" is "
-                   "not a valid field to query.'; exit 2;; esac\n"
-                   f"cat <<'EOF'\n{SMI.replace(', 9.0', '').replace(', 10.0', '')}EOF\n",
-                   encoding="utf-8")
-    smi.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+def test_workers_are_pinned_by_index_in_pci_order(fake_nvidia_smi, monkeypatch):
+    # The stand-in refuses compute_cap as drivers before 510 do, so the listing falls
+    # back to the older query.
+    fake_nvidia_smi(SMI.replace(", 9.0", "").replace(", 10.0", ""), old_driver=True)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,0")
     workers = gpus.gpu_workers("all")
     assert [(w.number, w.label, w.folder) for w in workers] == [(2, "GPU 2", "gpu2"),

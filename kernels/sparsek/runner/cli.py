@@ -6,7 +6,9 @@ other status means there is no complete bundle, and stderr says why.
 
 ``--gpus all`` (or a count, or indices) spreads the job over that many GPUs, one
 runner per GPU, into one merged bundle (see ``multi``); ``--workers N`` does the same
-with N CPU stand-ins. Items a failed GPU lost are errors in the bundle, listed in the
+with N CPU stand-ins. Where there is nothing to spread over (``all`` on a CPU run or a
+host with one GPU, or one GPU chosen), the job runs in this process as with the
+default ``--gpus 1``. Items a failed GPU lost are errors in the bundle, listed in the
 ``done`` event and on stderr with the ``--only`` that runs them again; the exit
 status stays 0, since the other GPUs' results are in the bundle.
 """
@@ -29,6 +31,7 @@ from sparsek.runner.execute import LOGGER_NAME, resolve_device, run_job
 from sparsek.runner.merge import LostItem
 from sparsek.runner.multi import MultiRun, run_multi
 from sparsek_remote.errors import ConfigError, RunnerError, SparsekRemoteError
+from sparsek_remote.gpuspec import ALL, gpu_spec_text
 from sparsek_remote.jobspec import JobSpec, parse_job
 
 PROG = "python -m sparsek.runner"
@@ -40,16 +43,18 @@ def main(argv: list[str] | None = None) -> int:
     _log_to_stderr()
     try:
         job = read_job(args.job)
-        device = resolve_device(job.device if args.device == "auto" else args.device)
+        requested = job.device if args.device == "auto" else args.device
+        chosen = _choose_gpus(args, requested)
+        device = resolve_device(requested)
         interpret_triton_on_cpu(device)
-        if args.gpus == 1 and args.workers is None:
+        if _spreads(args, device, chosen):
+            _run_spread(args, job, device, chosen, json_lines(events_stream))
+        else:
             run_job(job, args.out, run_id=args.run_id, host_alias=args.host_alias,
                     device=device, git_commit=args.git_commit,
                     git_dirty=None if args.git_dirty is None else args.git_dirty == "1",
                     image_digest=args.image_digest, on_event=json_lines(events_stream),
                     ncu_path=args.ncu, only=args.only)
-        else:
-            _run_spread(args, job, device, json_lines(events_stream))
     except SparsekRemoteError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -84,14 +89,47 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpus", type=gpus.parse_spec, default=1, metavar="all|N|I,J,...",
                         help="spread the items over all GPUs, the first N, or those "
                              "indices (as nvidia-smi numbers them; '3,' is GPU 3 alone), "
-                             "one runner per GPU; default 1: this process, one GPU")
+                             "one runner per GPU; one GPU chosen runs in this process, "
+                             "pinned to it, and 'all' on a CPU run runs in this process; "
+                             "default 1: this process, its default GPU")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="spread the items over N CPU stand-in runners (no GPU)")
     return parser
 
 
+def _choose_gpus(args: argparse.Namespace, requested: str) -> list[gpus.Worker]:
+    """The GPUs ``--gpus`` chose, found before PyTorch starts CUDA (``resolve_device``
+    does). One chosen GPU is used by this process itself, pinned the way a worker is:
+    CUDA reads CUDA_VISIBLE_DEVICES once, when it starts, so the pin must come first,
+    and this saves the subprocess and the merge that a worker would cost."""
+    if args.workers is not None:
+        return []
+    log = logging.getLogger(LOGGER_NAME)
+    chosen, why_none = gpus.place(args.gpus, requested)
+    if why_none is not None:
+        log.info("--gpus all: no GPU listed (%s); the job runs in this process on its "
+                 "default device", why_none)
+    if len(chosen) == 1:
+        os.environ.update(chosen[0].env)
+        log.info("--gpus %s chose %s alone; the job runs in this process, pinned to it "
+                 "(%s)", gpu_spec_text(args.gpus), chosen[0].label,
+                 " ".join(f"{k}={os.environ[k]}" for k in sorted(chosen[0].env)))
+    return chosen
+
+
+def _spreads(args: argparse.Namespace, device: str, chosen: list[gpus.Worker]) -> bool:
+    """Whether the job goes to worker processes. ``--gpus all`` stays in this process
+    where there is nothing to spread it over: a CPU run, or a host with one GPU; any
+    other choice of GPUs on a CPU run goes on to be refused by ``_run_spread``."""
+    if args.workers is not None:
+        return True
+    if device == "cpu":
+        return args.gpus not in (1, ALL)
+    return len(chosen) > 1
+
+
 def _run_spread(args: argparse.Namespace, job: JobSpec, device: str,
-                emit: EventSink) -> None:
+                chosen: list[gpus.Worker], emit: EventSink) -> None:
     """The job over several runners (GPUs, or CPU stand-ins), into one bundle."""
     if args.workers is not None and args.gpus != 1:
         raise ConfigError("--gpus and --workers exclude each other",
@@ -102,8 +140,7 @@ def _run_spread(args: argparse.Namespace, job: JobSpec, device: str,
     if args.workers is None and device != "cuda":
         raise ConfigError(f"--gpus spreads a job over GPUs, but this run's device is {device}",
                           hint="use --workers N for CPU stand-ins")
-    workers = (gpus.cpu_workers(args.workers) if args.workers is not None
-               else gpus.gpu_workers(args.gpus))
+    workers = gpus.cpu_workers(args.workers) if args.workers is not None else chosen
     passed = ["--device", device]
     for flag, value in (("--git-commit", args.git_commit), ("--git-dirty", args.git_dirty),
                         ("--image-digest", args.image_digest), ("--ncu", args.ncu)):

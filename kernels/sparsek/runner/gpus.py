@@ -10,15 +10,16 @@ another card.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 
 from sparsek_remote.errors import ConfigError, RunnerError
+from sparsek_remote.gpuspec import ALL, GpuSpec, parse_gpu_spec
 from sparsek_remote.schema import GpuProvenance
 
-GpuSpec = str | int | tuple[int, ...]  # "all", a count, or nvidia-smi indices
 _QUERY = "index,name,uuid,driver_version,compute_cap"
 _SMI_TIMEOUT_S = 20
 _MISSING = {"", "[N/A]", "N/A", "[Not Supported]"}
@@ -44,21 +45,12 @@ class Worker:
 
 
 def parse_spec(text: str) -> GpuSpec:
-    """``--gpus``: "all", a count ("8"), or indices with a comma ("0,2,5"; "3," is GPU 3
-    alone). ValueError for anything else, as argparse wants."""
-    text = text.strip()
-    if text == "all":
-        return "all"
-    if text.isdigit():
-        if int(text) < 1:
-            raise ValueError("a count of GPUs must be at least 1")
-        return int(text)
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not parts or not all(p.isdigit() for p in parts):
-        raise ValueError(f"{text!r} is not 'all', a count or a list of GPU indices")
-    if len(set(parts)) != len(parts):
-        raise ValueError(f"{text!r} names a GPU twice")
-    return tuple(int(p) for p in parts)
+    """``--gpus``, in the grammar the orchestrator's settings share (``gpuspec``); its
+    complaint becomes argparse's, which shows it after the option's name."""
+    try:
+        return parse_gpu_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_listing(text: str, *, with_cc: bool = True) -> list[GpuProvenance]:
@@ -131,7 +123,7 @@ def choose(gpus: list[GpuProvenance], spec: GpuSpec) -> list[GpuProvenance]:
     """The GPUs ``spec`` asks for among ``gpus`` (already limited to the visible ones)."""
     if not gpus:
         raise RunnerError("this host shows no GPU to run on", hint="check nvidia-smi")
-    if spec == "all":
+    if spec == ALL:
         return list(gpus)
     if isinstance(spec, int):
         if spec > len(gpus):
@@ -151,6 +143,25 @@ def gpu_workers(spec: GpuSpec) -> list[Worker]:
     """One worker per GPU asked for, each pinned to its GPU."""
     gpus = choose(visible(list_gpus(), os.environ.get("CUDA_VISIBLE_DEVICES")), spec)
     return [Worker(g.index, g, _pin(g)) for g in gpus]
+
+
+def place(spec: GpuSpec, requested_device: str) -> tuple[list[Worker], str | None]:
+    """The GPU workers ``spec`` asks for in a run on ``requested_device`` ("auto",
+    "cuda" or "cpu"), listed through nvidia-smi, so without starting CUDA.
+
+    None are chosen, and the run keeps its process's default device, for ``--gpus 1``,
+    for a cpu run, and for ``all`` where no GPU can be listed (the second value then
+    says why): ``all`` is every host's default, so it must also suit hosts with
+    nothing to spread over. A count or list that cannot be met raises as ``choose``.
+    """
+    if spec == 1 or requested_device == "cpu":
+        return [], None
+    try:
+        return gpu_workers(spec), None
+    except (RunnerError, ConfigError) as exc:
+        if spec != ALL:
+            raise
+        return [], exc.message
 
 
 def _pin(gpu: GpuProvenance) -> dict[str, str]:
