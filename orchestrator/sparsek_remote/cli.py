@@ -556,13 +556,15 @@ def hosts(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         settings = _settings()
         rows = {alias: h.public_view() for alias, h in sorted(settings.hosts.items())}
         if as_json:
-            out.print_json(data={"default_target": settings.default_target, "hosts": rows})
+            out.print_json(data={"default_target": settings.default_target,
+                                 "local": {"gpus": settings.local_gpus}, "hosts": rows})
             return
-        table = Table("alias", "user", "port", "key", "passphrase", "host key", "kind")
-        table.add_row("local", "-", "-", "-", "-", "-", "this machine")
+        table = Table("alias", "user", "port", "key", "passphrase", "host key", "kind", "gpus")
+        table.add_row("local", "-", "-", "-", "-", "-", "this machine", settings.local_gpus)
         for alias, view in rows.items():
             table.add_row(alias, *(str(view[k]) for k in (
-                "user", "port", "key_path", "key_passphrase", "host_key_fingerprint", "kind")))
+                "user", "port", "key_path", "key_passphrase", "host_key_fingerprint", "kind",
+                "gpus")))
         out.print(table)
         out.print(f"default target: {settings.default_target}", markup=False)
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sparsek_remote.errors import RunnerError
+from sparsek_remote.errors import ConfigError, RunnerError
+from sparsek_remote.gpuspec import ALL, canonical_gpu_spec
 
 Event = dict[str, Any]
 EventSink = Callable[[Event], None]
@@ -32,7 +33,8 @@ _WITHHELD_PREFIXES = ("SPARSEK_",)
 
 @dataclass(frozen=True)
 class RunnerInvocation:
-    """What the runner is told: the job (as JSON on disk) and where to write."""
+    """What the runner is told: the job (as JSON on disk), where to write, and which
+    GPUs to spread it over (``gpuspec``; every GPU unless the settings say otherwise)."""
 
     job_file: Path
     out_dir: Path
@@ -41,11 +43,21 @@ class RunnerInvocation:
     device: str = "auto"
     git_commit: str | None = None
     git_dirty: bool | None = None
+    gpus: str = ALL
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "gpus", canonical_gpu_spec(self.gpus))
+        except ValueError as exc:
+            raise ConfigError(f"gpus: {exc}") from None
 
     def argv(self, python: str = sys.executable) -> list[str]:
         args = [python, "-m", "sparsek.runner", "--job", str(self.job_file),
                 "--out", str(self.out_dir), "--run-id", self.run_id,
                 "--host-alias", self.host_alias, "--device", self.device]
+        # A CPU run has no GPU to choose, and the runner refuses a count or list there.
+        if self.device != "cpu":
+            args += ["--gpus", self.gpus]
         if self.git_commit:
             args += ["--git-commit", self.git_commit]
         if self.git_dirty is not None:

@@ -8,6 +8,10 @@ Every key starts with ``SPARSEK_``; hosts are named by an alias, nested with ``_
     SPARSEK_HOSTS__LAB__KEY_PATH=~/.ssh/lab_ed25519
     SPARSEK_HOSTS__LAB__KEY_PASSPHRASE=...
     SPARSEK_HOSTS__LAB__HOST_KEY_FINGERPRINT=SHA256:...
+    SPARSEK_HOSTS__LAB__GPUS=all
+
+``GPUS`` (and ``SPARSEK_LOCAL_GPUS`` for the ``local`` target) says which GPUs a run
+spreads over, in the runner's ``--gpus`` grammar (``gpuspec``); every GPU by default.
 
 The command line builds one ``Settings`` and passes it down; nothing else reads ``.env``.
 Secrets are ``SecretStr``: their repr is masked, and error messages never echo values.
@@ -20,10 +24,19 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sparsek_remote.errors import SettingsError
+from sparsek_remote.gpuspec import ALL, canonical_gpu_spec
 from sparsek_remote.jobspec import LOCAL_TARGET, TARGET_PATTERN
 
 ENV_PREFIX = "SPARSEK_"
@@ -32,6 +45,8 @@ ADDRESS_PATTERN = r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-
 USER_PATTERN = r"^[a-z_][a-z0-9_-]{0,31}$"
 FINGERPRINT_PATTERN = r"^SHA256:[A-Za-z0-9+/]{43}=?$"
 REMOTE_DIR_PATTERN = r"^[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*$"
+# Which GPUs a run there spreads over (the runner's --gpus), kept in its written form.
+GpuChoice = Annotated[str, AfterValidator(canonical_gpu_spec)]
 
 
 class HostSettings(BaseModel):
@@ -49,6 +64,7 @@ class HostSettings(BaseModel):
     remote_dir: Annotated[str, Field(pattern=REMOTE_DIR_PATTERN, max_length=200)] = (
         "sparsek-remote"
     )
+    gpus: GpuChoice = ALL
 
     def public_view(self) -> dict[str, object]:
         """What may be shown to the user: no passphrase, and the address only on request."""
@@ -59,6 +75,7 @@ class HostSettings(BaseModel):
             "key_passphrase": "set" if self.key_passphrase else "not set",
             "host_key_fingerprint": self.host_key_fingerprint or "not pinned",
             "kind": self.kind,
+            "gpus": self.gpus,
         }
 
 
@@ -79,6 +96,7 @@ class Settings(BaseSettings):
     default_target: str = LOCAL_TARGET
     results_dir: Path = Path("results")
     state_dir: Path = Path(".sparsek")
+    local_gpus: GpuChoice = ALL
 
     @model_validator(mode="after")
     def _aliases_and_default(self) -> Settings:
@@ -104,6 +122,10 @@ class Settings(BaseSettings):
                 hint=f"add SPARSEK_HOSTS__{alias.upper()}__ADDRESS (and USER, KEY_PATH) to "
                 f".env; configured: {sorted(self.hosts) or 'none'}",
             ) from None
+
+    def gpus_for(self, target: str) -> str:
+        """Which GPUs a run on ``target`` (``local`` or a host alias) spreads over."""
+        return self.local_gpus if target == LOCAL_TARGET else self.host(target).gpus
 
     @property
     def quarantine_dir(self) -> Path:

@@ -289,5 +289,6 @@ def _runner_argv(ctx: RunContext, alias: str, runner: remote.RunnerCommand,
     invocation = localhost.RunnerInvocation(
         job_file=Path(f"{inside}/{remote.JOB_NAME}"),
         out_dir=Path(f"{inside}/{remote.BUNDLE_FOLDER}"), run_id=ctx.run_id,
-        host_alias=alias, device=ctx.device, git_commit=commit, git_dirty=dirty)
+        host_alias=alias, device=ctx.device, git_commit=commit, git_dirty=dirty,
+        gpus=ctx.settings.gpus_for(alias))
     return [*runner.launcher, *invocation.argv(python=runner.python), *runner.extra_args]

@@ -78,7 +78,8 @@ def _run_locally(job: JobSpec, settings: Settings, *, project_root: Path,
         commit, dirty = git_state(project_root)
         invocation = localhost.RunnerInvocation(
             job_file=job_file, out_dir=work / "bundle", run_id=run_id,
-            host_alias=LOCAL_TARGET, device=device, git_commit=commit, git_dirty=dirty)
+            host_alias=LOCAL_TARGET, device=device, git_commit=commit, git_dirty=dirty,
+            gpus=settings.gpus_for(LOCAL_TARGET))
         localhost.run_local(invocation, timeout_s=float(job.timeouts.job_s), on_event=on_event)
         stored = artifacts.store_bundle(
             invocation.out_dir, settings.results_dir, quarantine_root=settings.quarantine_dir,
