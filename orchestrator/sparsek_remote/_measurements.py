@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from sparsek_remote.jobspec import TimingPolicy
 from sparsek_remote.schema import CardState, CaseResult, Ceilings, NcuMetrics
 
 NO_NUMBER = "—"
@@ -72,11 +73,13 @@ def ceilings_text(ceilings: Ceilings | None) -> str | None:
     return f"matmul {mm or 'not measured'}; {copy} ({ceilings.method})"
 
 
-def timing_policy_text(target_ci_rel: float, min_repetitions: int, repetitions: int,
-                       max_seconds: float) -> str:
-    return (f"sampled until the median's 95% CI is within ±{target_ci_rel:.1%} (after at "
-            f"least {min(min_repetitions, repetitions)} samples), {repetitions} samples, or "
-            f"{max_seconds:g} s")
+def timing_policy_text(policy: TimingPolicy) -> str:
+    """The stopping rule of a policy already resolved for its device."""
+    least = min(policy.min_repetitions, policy.repetitions)
+    after = f"after at least {least} samples" + (f" and {policy.min_seconds:g} s"
+                                                  if policy.min_seconds else "")
+    return (f"sampled until the median's 95% CI is within ±{policy.target_ci_rel:.1%} "
+            f"({after}), {policy.repetitions} samples, or {policy.max_seconds:g} s")
 
 
 def _measurement_table(timed: Sequence[CaseResult]) -> str:

@@ -32,6 +32,8 @@ from sparsek_remote.errors import JobSpecError
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 TARGET_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
 LOCAL_TARGET = "local"
+# Warm-up and least sampling time on a GPU when a job leaves them unset (TimingPolicy).
+GPU_STEADY_SECONDS = 1.0
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 Target = Annotated[str, Field(pattern=TARGET_PATTERN)]
@@ -108,6 +110,11 @@ class TimingPolicy(_Strict):
     small enough to stay in the L2 cache are not timed from it ("auto": when they fit).
     ``measure_ceilings`` times a large matrix product and a large copy once per job,
     the card's own ceilings that the report holds each rate against.
+
+    Warm-up lasts at least ``warmup`` calls and ``warmup_seconds``; the interval may end
+    sampling only after ``min_seconds`` of it. Left unset, both are 1 s on a GPU and 0
+    on the CPU: a GPU at its power limit swings its clocks over about half a second, so
+    a median of a shorter stretch depends on the phase it caught, and does not repeat.
     """
 
     warmup: Annotated[StrictInt, Field(ge=0, le=10_000)] = 5
@@ -120,6 +127,23 @@ class TimingPolicy(_Strict):
     graph_replay_us: Annotated[Number, Field(gt=0, le=1_000_000)] = 1000
     rotate_inputs: Literal["auto", "always", "never"] = "auto"
     measure_ceilings: StrictBool = True
+    warmup_seconds: Annotated[Number, Field(ge=0, le=600)] | None = None
+    min_seconds: Annotated[Number, Field(ge=0, le=3600)] | None = None
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> TimingPolicy:
+        if self.min_seconds is not None and self.min_seconds > self.max_seconds:
+            raise ValueError(f"min_seconds ({self.min_seconds:g}) exceeds max_seconds "
+                             f"({self.max_seconds:g}); raise max_seconds or lower min_seconds")
+        return self
+
+    def for_device(self, device: str) -> TimingPolicy:
+        """This policy with the seconds left unset filled in for ``device``."""
+        default = GPU_STEADY_SECONDS if device == "cuda" else 0.0
+        return self.model_copy(update={
+            "warmup_seconds": default if self.warmup_seconds is None else self.warmup_seconds,
+            "min_seconds": (min(default, self.max_seconds) if self.min_seconds is None
+                            else self.min_seconds)})
 
 
 class CorrectnessPolicy(_Strict):

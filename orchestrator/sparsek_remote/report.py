@@ -201,12 +201,13 @@ def _timing_summary(run: RunData) -> str:
     if not timed:
         return "no case was timed"
     t = timed[0]
+    policy = run.manifest.job.timing.for_device(t.device)
     methods = " and ".join(dict.fromkeys(x.method for x in timed))
-    summary = f"{methods}, warmup {t.warmup}, L2 {'flushed' if t.l2_flushed else 'not flushed'}"
+    warmup = f"warm-up {policy.warmup} calls" + (f" and {policy.warmup_seconds:g} s"
+                                                 if policy.warmup_seconds else "")
+    summary = f"{methods}, {warmup}, L2 {'flushed' if t.l2_flushed else 'not flushed'}"
     if any(x.stop_reason for x in timed):
-        policy = run.manifest.job.timing
-        summary += "; " + _measurements.timing_policy_text(
-            policy.target_ci_rel, policy.min_repetitions, policy.repetitions, policy.max_seconds)
+        summary += "; " + _measurements.timing_policy_text(policy)
     return summary
 
 

@@ -31,13 +31,14 @@ from sparsek.runner.sampling import (
     calls_per_replay,
     head_start_us,
     min_samples,
+    warmup_chunk,
     rotation_count,
     round_size,
     should_use_graph,
     stop_reason,
 )
 from sparsek.runner.stats import CI_MIN_SAMPLES, relative_ci
-from sparsek.runner.timing import collect, measure
+from sparsek.runner.timing import collect, measure, warm_up
 from sparsek_remote.jobspec import TimingPolicy
 from sparsek_remote.schema import CardState
 from tests.kernels.runner_jobs import SDPA_MATH, case, make_job
@@ -124,6 +125,46 @@ def test_stop_reasons_in_order_of_precedence():
     assert stop_reason(12, 0.5, 2.0, p) == "budget"
     assert stop_reason(2, 0.5, 99.0, p) is None                # never fewer than three
     assert stop_reason(3, 0.5, 99.0, p) == "budget"
+
+
+def test_the_ci_rule_waits_for_min_seconds_of_sampling():
+    p = policy(repetitions=50, min_repetitions=10, max_seconds=5.0, min_seconds=1.0)
+    assert stop_reason(10, 0.005, 0.5, p) is None              # precise, but too soon
+    assert stop_reason(10, 0.005, 1.0, p) == "ci"
+    assert stop_reason(50, 0.5, 0.5, p) == "repetitions"       # the cap still holds
+
+
+def test_unset_seconds_mean_a_steady_gpu_and_nothing_on_the_cpu():
+    gpu, cpu = policy().for_device("cuda"), policy().for_device("cpu")
+    assert (gpu.warmup_seconds, gpu.min_seconds) == (1.0, 1.0)
+    assert (cpu.warmup_seconds, cpu.min_seconds) == (0.0, 0.0)
+    assert policy(max_seconds=0.5).for_device("cuda").min_seconds == 0.5  # within the budget
+    chosen = policy(warmup_seconds=0.2, min_seconds=3.0).for_device("cuda")
+    assert (chosen.warmup_seconds, chosen.min_seconds) == (0.2, 3.0)
+
+
+def test_warm_up_chunks_double_until_both_the_count_and_the_seconds_are_done():
+    p = policy(warmup=5)
+    assert warmup_chunk(1, 2, True, p) == 2                    # time left: keep doubling
+    assert warmup_chunk(3, 4, False, p) == 2                   # only the calls still owed
+    assert warmup_chunk(7, 8, False, p) == 0
+
+
+def test_warm_up_runs_for_its_seconds_after_the_first_call():
+    made: list[int] = []
+
+    def run(k: int) -> None:
+        made.append(k)
+        time.sleep(0.5 if len(made) == 1 else 0.01 * k)  # a slow first call (tuning)
+
+    begin = time.perf_counter()
+    done = warm_up(run, policy(warmup=2, warmup_seconds=0.2).for_device("cpu"))
+    took = time.perf_counter() - begin
+    assert done == sum(made) and made[:4] == [1, 2, 4, 8]
+    assert 0.7 <= took < 1.3                                   # 0.5 s first call + >= 0.2 s
+    assert warm_up(run, policy(warmup=0).for_device("cpu")) == 0
+    made.clear()
+    assert warm_up(run, policy(warmup=3).for_device("cpu")) == 3 and made == [1, 2]
 
 
 def test_the_ci_rule_never_fires_without_a_real_95_percent_interval():
@@ -395,8 +436,10 @@ def test_long_calls_and_uncapturable_calls_are_timed_with_events():
     long = measure(lambda: a @ a, policy(warmup=2, repetitions=50, max_seconds=2), "cuda")
     assert long.method == "cuda-events" and long.stats.median_ms > 0.02
     small = torch.ones(16, device="cuda")
+    # The threshold is raised so capture is tried: a synced call is paced by the host.
     synced = measure(lambda: small.sum().item(), policy(warmup=2, repetitions=20,
-                                                        max_seconds=2), "cuda")
+                                                        max_seconds=2, graph_below_us=1e5),
+                     "cuda")
     assert synced.method == "cuda-events"
     assert synced.graph_fallback.startswith("CUDA graph capture failed")
 

@@ -209,7 +209,7 @@ def test_cpu_run_carries_the_banner(tmp_path):
     report = write_report([run], tmp_path)
     assert ("CPU run: timings are wall-clock on the CPU and say nothing about GPU speed"
             in report.markdown)
-    assert "wall-clock, warmup 5, L2 not flushed" in report.markdown
+    assert "wall-clock, warm-up 5 calls, L2 not flushed" in report.markdown
 
 
 def test_nothing_to_draw_skips_charts_and_says_so(tmp_path):

@@ -105,8 +105,8 @@ def test_each_timing_says_how_it_was_sampled_and_the_card_around_it(gpu_report):
     assert row(gpu_report.markdown, "small", "stop", "sdpa-efficient")[2] == (
         "cuda-events; host-bound: 2.5 ms to queue a call, so a loop of calls runs at the "
         "host's pace")
-    assert "cuda-graph and cuda-events, warmup 5, L2 flushed" in gpu_report.markdown
-    assert "within ±1.0% (after at least 10 samples), 50 samples, or 10 s" in gpu_report.markdown
+    assert "cuda-graph and cuda-events, warm-up 5 calls and 1 s, L2 flushed" in gpu_report.markdown
+    assert "within ±1.0% (after at least 10 samples and 1 s), 50 samples, or 10 s" in gpu_report.markdown
 
 
 def test_rates_against_the_ceilings_and_every_dense_baseline(gpu_report):

@@ -25,7 +25,7 @@ import torch
 
 from sparsek.runner.sampling import MIN_SAMPLES, calls_per_replay, head_start_us, should_use_graph
 from sparsek.runner.stats import summarize
-from sparsek.runner.timing import Call, collect
+from sparsek.runner.timing import Call, collect, warm_up
 from sparsek_remote.jobspec import TimingPolicy
 from sparsek_remote.schema import Timing
 
@@ -38,13 +38,17 @@ _CALIBRATION_CYCLES = 2_000_000  # about 1 ms of spin on current GPUs
 def measure_cuda(calls: list[Call], policy: TimingPolicy) -> Timing:
     flush = _l2_flusher(policy.flush_l2)
     cycle = itertools.cycle(calls)
-    for _ in range(policy.warmup):
-        flush()
-        next(cycle)()
-    torch.cuda.synchronize()
+
+    def run(k: int) -> None:
+        for _ in range(k):
+            flush()
+            next(cycle)()
+        torch.cuda.synchronize()
+
+    warmed = warm_up(run, policy)
     host_ms = _host_enqueue_ms(cycle, flush)
     hold = _head_start(head_start_us(host_ms * 1e3))
-    extra = {"host_enqueue_ms": host_ms, "head_start_us": hold.us}
+    extra = {"host_enqueue_ms": host_ms, "head_start_us": hold.us, "warmup": warmed}
     started = time.perf_counter()
     probe = _event_samples(cycle, flush, hold, MIN_SAMPLES)
     median_us = statistics.median(probe) * 1e3
@@ -56,7 +60,7 @@ def measure_cuda(calls: list[Call], policy: TimingPolicy) -> Timing:
             samples, reason = collect(lambda k: _replay_samples(graph, flush, k, per_replay),
                                       policy)
             return _timing("cuda-graph", samples, reason, policy, calls, per_replay, None,
-                           host_enqueue_ms=host_ms)
+                           host_enqueue_ms=host_ms, warmup=warmed)
     samples, reason = collect(lambda k: _event_samples(cycle, flush, hold, k), policy,
                               taken=probe, started=started)
     return _timing("cuda-events", samples, reason, policy, calls, 1, fallback, **extra)
@@ -65,7 +69,7 @@ def measure_cuda(calls: list[Call], policy: TimingPolicy) -> Timing:
 def _timing(method: str, samples: list[float], reason: str, policy: TimingPolicy,
             calls: list[Call], per_sample: int, fallback: str | None,
             **extra: float | None) -> Timing:
-    return Timing(method=method, device="cuda", warmup=policy.warmup,
+    return Timing(method=method, device="cuda",
                   l2_flushed=policy.flush_l2, samples_ms=samples, stats=summarize(samples),
                   calls_per_sample=per_sample, rotation_sets=len(calls), stop_reason=reason,
                   target_ci_rel=policy.target_ci_rel, graph_fallback=fallback, **extra)

@@ -85,16 +85,29 @@ def stop_reason(n: int, ci_rel: float, elapsed_s: float,
     """Why to stop after ``n`` samples, or None to go on.
 
     ``ci_rel`` is the median's relative 95% CI reach (stats.relative_ci), ``elapsed_s``
-    the seconds spent sampling so far. A precise enough median ends sampling first;
-    then the sample cap; then the time budget, once there are MIN_SAMPLES samples.
+    the seconds spent sampling so far. A precise enough median ends sampling first,
+    once min_seconds have passed; then the sample cap; then the time budget, once
+    there are MIN_SAMPLES samples.
     """
-    if n >= max(CI_MIN_SAMPLES, min_samples(policy)) and ci_rel <= policy.target_ci_rel:
+    if (n >= max(CI_MIN_SAMPLES, min_samples(policy)) and ci_rel <= policy.target_ci_rel
+            and elapsed_s >= (policy.min_seconds or 0.0)):
         return "ci"
     if n >= policy.repetitions:
         return "repetitions"
     if n >= MIN_SAMPLES and elapsed_s >= policy.max_seconds:
         return "budget"
     return None
+
+
+def warmup_chunk(done: int, chunk: int, seconds_left: bool, policy: TimingPolicy) -> int:
+    """How many warm-up calls to make before the next look at the clock (0: warm-up
+    is over), ``seconds_left`` saying whether warmup_seconds have not yet passed.
+    Chunks double, so a short call is not held up by a wait after each, and warm-up
+    overruns its time by at most about the last chunk."""
+    calls_left = max(0, policy.warmup - done)
+    if seconds_left:
+        return max(1, chunk)
+    return calls_left
 
 
 def round_size(n: int, per_sample_s: float, elapsed_s: float, policy: TimingPolicy) -> int:

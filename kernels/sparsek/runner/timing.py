@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from sparsek.runner.sampling import round_size, stop_reason
+from sparsek.runner.sampling import round_size, stop_reason, warmup_chunk
 from sparsek.runner.stats import relative_ci, summarize
 from sparsek_remote.jobspec import TimingPolicy
 from sparsek_remote.schema import Timing
@@ -30,12 +30,13 @@ def measure(call: Call, policy: TimingPolicy, device: str, *,
     """Warm up, take samples and summarize them. ``rotation`` holds the same call on
     other copies of the inputs; samples cycle over ``call`` and those."""
     calls = [call, *rotation]
+    policy = policy.for_device(device)
     if device == "cuda":
         from sparsek.runner.cuda_timing import measure_cuda
 
         return measure_cuda(calls, policy)
-    samples, reason = _wall_clock_samples(calls, policy)
-    return Timing(method="wall-clock", device=device, warmup=policy.warmup, l2_flushed=False,
+    samples, reason, warmed = _wall_clock_samples(calls, policy)
+    return Timing(method="wall-clock", device=device, warmup=warmed, l2_flushed=False,
                   samples_ms=samples, stats=summarize(samples), rotation_sets=len(calls),
                   stop_reason=reason, target_ci_rel=policy.target_ci_rel)
 
@@ -57,10 +58,30 @@ def collect(take: TakeSamples, policy: TimingPolicy, *, taken: Sequence[float] =
         samples += take(round_size(len(samples), per_sample, elapsed, policy))
 
 
-def _wall_clock_samples(calls: list[Call], policy: TimingPolicy) -> tuple[list[float], str]:
+def warm_up(run: Callable[[int], None], policy: TimingPolicy) -> int:
+    """Warm-up of at least ``policy.warmup`` calls and ``policy.warmup_seconds``
+    (resolved, see TimingPolicy.for_device); ``run(k)`` makes k calls and returns once
+    they are done. Returns the number of calls made."""
+    if not policy.warmup and not policy.warmup_seconds:
+        return 0
+    run(1)  # the first call may compile or tune, so the clock starts after it
+    done, chunk, begin = 1, 2, time.perf_counter()
+    while k := warmup_chunk(done, chunk, time.perf_counter() - begin
+                            < (policy.warmup_seconds or 0.0), policy):
+        run(k)
+        done, chunk = done + k, 2 * k
+    return done
+
+
+def _wall_clock_samples(calls: list[Call], policy: TimingPolicy
+                        ) -> tuple[list[float], str, int]:
     cycle = itertools.cycle(calls)
-    for _ in range(policy.warmup):
-        next(cycle)()
+
+    def run(k: int) -> None:
+        for _ in range(k):
+            next(cycle)()
+
+    warmed = warm_up(run, policy)
 
     def take(k: int) -> list[float]:
         out = []
@@ -71,7 +92,7 @@ def _wall_clock_samples(calls: list[Call], policy: TimingPolicy) -> tuple[list[f
             out.append((time.perf_counter() - begin) * 1e3)
         return out
 
-    return collect(take, policy)
+    return (*collect(take, policy), warmed)
 
 
 def peak_extra_memory(call: Call, device: str) -> int | None:
