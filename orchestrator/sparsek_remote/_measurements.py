@@ -85,6 +85,8 @@ def timing_policy_text(policy: TimingPolicy) -> str:
 def _measurement_table(timed: Sequence[CaseResult]) -> str:
     header = ["implementation", "samples", "method", "95% CI of median", "stop",
               "card during timing (before → after)", "throttled"]
+    spread = any(r.gpu_index is not None for r in timed)
+    header += ["GPU"] if spread else []
     rows = []
     for r in timed:
         t = r.timing
@@ -97,7 +99,9 @@ def _measurement_table(timed: Sequence[CaseResult]) -> str:
                        "so a loop of calls runs at the host's pace")
         rows.append([f"`{r.implementation}`", str(t.stats.n), md(method), _ci(r),
                      t.stop_reason or NO_NUMBER, _card_change(r.card_before, r.card_after),
-                     _throttle_cell(r)])
+                     _throttle_cell(r)]
+                    + ([NO_NUMBER if r.gpu_index is None else str(r.gpu_index)] if spread
+                       else []))
     return table(header, rows, numeric=range(1, 2))
 
 

@@ -18,7 +18,7 @@ from sparsek_remote import _measurements, _plots
 from sparsek_remote._plots import Chart, timed_median
 from sparsek_remote.errors import ConfigError
 from sparsek_remote.jobspec import SdpaImpl
-from sparsek_remote.schema import CaseResult, Manifest, Results, Stats
+from sparsek_remote.schema import CaseResult, GpuProvenance, Manifest, Results, Stats
 
 MARKDOWN_NAME = "report.md"
 CPU_BANNER = "CPU run: timings are wall-clock on the CPU and say nothing about GPU speed."
@@ -182,11 +182,21 @@ def _provenance_table(run: RunData) -> str:
             ("CUDA", p.cuda_version), ("torch", p.torch_version), ("triton", p.triton_version),
             ("git commit", _commit(p.git_commit, p.git_dirty)), ("image", p.image_digest),
             ("created at", run.manifest.created_at), ("timing", _timing_summary(run))]
+    rows += [(f"GPU {g.index}", _gpu_text(g)) for g in p.gpus]
     rows += [(name, value) for name, value in (
         ("card at start", _measurements.card_text(p.card)),
         ("measured ceilings", _measurements.ceilings_text(run.results.ceilings))) if value]
     body = "\n".join(f"| {name} | {_md(value) if value else 'unknown'} |" for name, value in rows)
     return "| provenance | |\n|---|---|\n" + body
+
+
+def _gpu_text(gpu: GpuProvenance) -> str:
+    """One GPU of a run spread over several: what it is and its state at the start."""
+    parts = [gpu.name] + [f"{label} {value}" for label, value in (
+        ("UUID", gpu.uuid), ("driver", gpu.driver_version),
+        ("compute capability", gpu.compute_capability)) if value]
+    card = _measurements.card_text(gpu.card) if gpu.card else None
+    return ", ".join(parts) + (f"; at start: {card}" if card else "")
 
 
 def _commit(commit: str | None, dirty: bool | None) -> str | None:

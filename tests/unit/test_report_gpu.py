@@ -12,7 +12,7 @@ import pytest
 
 from sparsek_remote import _plots
 from sparsek_remote.report import RunData, write_report
-from sparsek_remote.schema import Ceilings, Results
+from sparsek_remote.schema import Ceilings, GpuProvenance, Results
 from tests.unit.test_report import RUN_OLD, assert_png, bundle, gate_failed, ok, samples
 
 PERMISSION = ("Nsight Compute may not read this GPU's performance counters here "
@@ -106,7 +106,8 @@ def test_each_timing_says_how_it_was_sampled_and_the_card_around_it(gpu_report):
         "cuda-events; host-bound: 2.5 ms to queue a call, so a loop of calls runs at the "
         "host's pace")
     assert "cuda-graph and cuda-events, warm-up 5 calls and 1 s, L2 flushed" in gpu_report.markdown
-    assert "within ±1.0% (after at least 10 samples and 1 s), 50 samples, or 10 s" in gpu_report.markdown
+    assert ("within ±1.0% (after at least 10 samples and 1 s), 50 samples, or 10 s"
+            in gpu_report.markdown)
 
 
 def test_rates_against_the_ceilings_and_every_dense_baseline(gpu_report):
@@ -161,3 +162,24 @@ def test_ceilings_alone_draw_a_roofline_without_ncu(tmp_path: Path):
     run = with_ceilings(bundle(RUN_OLD, [measured("small", "sdpa-cudnn", 2.0)]), CEILINGS)
     report = write_report([run], tmp_path)
     assert any(p.name.startswith("roofline") for p in report.plot_paths)
+
+
+def test_a_run_spread_over_gpus_lists_each_gpu_and_where_each_timing_ran(tmp_path: Path):
+    spread = [measured("small", "sparsek-triton", 0.5), measured("small", "sdpa-cudnn", 2.0)]
+    spread[0]["gpu_index"], spread[1]["gpu_index"] = 1, 0
+    run = bundle(RUN_OLD, spread)
+    gpus = [{"index": i, "name": "NVIDIA H100 80GB HBM3", "uuid": f"GPU-{i}aa",
+             "driver_version": "580.159.04", "compute_capability": "9.0",
+             "card": card(345, 30 + i, 70)} for i in (0, 1)]
+    provenance = run.manifest.provenance.model_copy(
+        update={"gpus": [GpuProvenance.model_validate(g) for g in gpus]})
+    manifest = run.manifest.model_copy(update={"provenance": provenance})
+    md = write_report([RunData(run.run_id, run.host_alias, manifest, run.results)],
+                      tmp_path).markdown
+    assert ("| GPU 1 | NVIDIA H100 80GB HBM3, UUID GPU-1aa, driver 580.159.04, compute "
+            "capability 9.0; at start: 345 MHz SM, 1980 MHz max SM") in md
+    assert row(md, "small", "stop", "sparsek-triton")[-1] == "1"
+    assert row(md, "small", "stop", "sdpa-cudnn")[-1] == "0"
+    single = write_report([bundle(RUN_OLD, [measured("small", "sdpa-cudnn", 2.0)])],
+                          tmp_path / "one").markdown
+    assert "| GPU 0 |" not in single and "| GPU |" not in single
