@@ -250,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep and device == "cuda":
         print(sweep_configs(job, device))
     print(text)
+    tuned = tuned_attention_configs()
+    if tuned:
+        print(tuned)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench.json").write_text(json.dumps({"context": context, "rows": rows},
@@ -258,6 +261,14 @@ def main(argv: list[str] | None = None) -> int:
             " ".join(f"{k}={v}" for k, v in context.items()) + "\n\n" + text + "\n",
             encoding="utf-8")
     return 0
+
+
+def tuned_attention_configs() -> str:
+    """The attention tiles the autotuner chose for each shape it met in this process."""
+    from sparsek.triton_attn import sparsek_attn_fwd_tuned
+
+    return "\n".join(f"attention tuned for {key[:5]} (S, Hq, Hkv, K, W): {config}"
+                     for key, config in sparsek_attn_fwd_tuned.cache.items())
 
 
 if __name__ == "__main__":

@@ -143,3 +143,16 @@ def sparsek_attn_fwd_kernel(
              mask=m_q[:, None])
     lse_base = (i_b * Hq + head0).to(tl.int64) * S
     tl.store(lse_ptr + lse_base + (o_m // BM) * S + q_pos, lse, mask=m_q)
+
+
+# Tuned per shape on a GPU: keys per step and the launch (warps, pipeline stages). The
+# query tile (BM, HG) is not tuned here: the selection's block lists are built for it.
+ATTN_CONFIGS = [
+    triton.Config({"BN": bn}, num_warps=warps, num_stages=stages)
+    for bn, warps, stages in ((32, 4, 2), (64, 4, 2), (64, 8, 2), (64, 8, 3), (32, 8, 3),
+                              (128, 8, 2))
+]
+sparsek_attn_fwd_tuned = triton.autotune(
+    configs=ATTN_CONFIGS, key=["S", "Hq", "Hkv", "K", "W", "CAUSAL", "BM", "HG", "D"],
+)(sparsek_attn_fwd_kernel)
+

@@ -17,7 +17,7 @@ import torch
 import triton
 
 from sparsek._checks import check_attention_inputs, check_out, check_triton_head_dim
-from sparsek.triton_attn import sparsek_attn_fwd_kernel
+from sparsek.triton_attn import sparsek_attn_fwd_kernel, sparsek_attn_fwd_tuned
 from sparsek.triton_select import sparsek_block_causal_fwd_kernel, sparsek_boundary_fwd_kernel
 from sparsek.triton_select_noncausal import sparsek_block_noncausal_fwd_kernel
 
@@ -41,6 +41,8 @@ class ForwardConfig:
     block_m: queries per block (selection and attention); a power of two >= 16.
     heads: query heads of one GQA group per attention program (rows = heads * block_m).
     block_n: keys per attention step. chunk: ranks per selection scan step.
+    On a GPU without an explicit config, the attention's block_n, num_warps and
+    num_stages are tuned per shape instead (triton_attn.ATTN_CONFIGS).
     """
 
     block_m: int
@@ -173,13 +175,19 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.T
                                                           device=lse.device)
     scores = u.reshape(-1, seq_len).to(torch.float32).contiguous()
     grid = (triton.cdiv(seq_len, cfg.block_m), batch * kv_heads, group // heads)
-    sparsek_attn_fwd_kernel[grid](
-        q, k, v, scores, sel.rank, sel.lists, sel.tau, sel.rk, sel.cnt, o_dst, lse_dst,
-        seq_len, q_heads, kv_heads, sel.lists.shape[1], sel.lists.shape[2], window,
-        scale * LOG2E, CAUSAL=causal, BM=cfg.block_m, HG=heads, BN=cfg.block_n, D=dim,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    args = (q, k, v, scores, sel.rank, sel.lists, sel.tau, sel.rk, sel.cnt, o_dst, lse_dst,
+            seq_len, q_heads, kv_heads, sel.lists.shape[1], sel.lists.shape[2], window,
+            scale * LOG2E)
+    fixed = dict(CAUSAL=causal, BM=cfg.block_m, HG=heads, D=dim,
+                 PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                 UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16)
+    if config is None and q.is_cuda:
+        # Each new shape is tuned once per process, on its first call (outputs are
+        # rewritten whole by every trial, so the trials leave nothing behind).
+        sparsek_attn_fwd_tuned[grid](*args, **fixed)
+    else:
+        sparsek_attn_fwd_kernel[grid](*args, **fixed, BN=cfg.block_n,
+                                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if o_dst is not o:
         o.copy_(o_dst)
     if lse_dst is not lse:
