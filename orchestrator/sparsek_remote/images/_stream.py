@@ -6,9 +6,11 @@ from __future__ import annotations
 import io
 import tarfile
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import docker
+if TYPE_CHECKING:  # docker itself is imported where a client is made (build.py)
+    import docker
+
 
 CHUNK_BYTES = 1 << 20
 

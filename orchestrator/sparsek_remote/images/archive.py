@@ -7,14 +7,16 @@ import tarfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Literal
+from typing import TYPE_CHECKING, BinaryIO, Literal
 
-import docker
 from sparsek_remote.errors import ImageError
 from sparsek_remote.images._compress import BlockCompressor
 from sparsek_remote.images._stream import CHUNK_BYTES, SavedArchive
 from sparsek_remote.images.build import ImageInfo, docker_errors
 from sparsek_remote.images.layers import ArchiveLayout, HostImages
+
+if TYPE_CHECKING:  # docker itself is imported where a client is made (build.py)
+    import docker
 
 Codec = Literal["gzip", "none"]
 CODECS: tuple[Codec, ...] = ("gzip", "none")

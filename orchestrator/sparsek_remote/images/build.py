@@ -12,14 +12,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from docker.errors import DockerException, ImageNotFound
-from urllib3.exceptions import HTTPError as TransportError
-
-import docker
 from sparsek_remote.errors import ImageError
 from sparsek_remote.images.context import DOCKERFILE, HASH_LABEL, BuildContext, write_context_tar
+
+if TYPE_CHECKING:
+    import docker
 
 LogSink = Callable[[str], None]
 LOG_TAIL_LINES = 40
@@ -70,7 +69,9 @@ def docker_errors(action: str, hint: str | None = None) -> Iterator[None]:
         yield
     except ImageError:
         raise
-    except (DockerException, OSError, TransportError) as exc:
+    except Exception as exc:
+        if not isinstance(exc, (OSError, *_docker_exceptions())):
+            raise
         if "permission denied" in str(exc).lower():
             hint = "this user may not use the Docker socket; join the docker group"
         raise ImageError(f"{action} failed: {type(exc).__name__}: {exc}",
@@ -78,8 +79,19 @@ def docker_errors(action: str, hint: str | None = None) -> Iterator[None]:
                          ) from exc
 
 
+def _docker_exceptions() -> tuple[type[Exception], ...]:
+    # Imported on use: the docker SDK (and the HTTP stack under it) takes a few tenths
+    # of a second to import, which every command would pay, runs on bare hosts too.
+    from docker.errors import DockerException
+    from urllib3.exceptions import HTTPError
+
+    return DockerException, HTTPError
+
+
 def docker_client(timeout_s: float = DEFAULT_TIMEOUT_S) -> docker.DockerClient:
     """A client for the daemon named by the environment (DOCKER_HOST or the local socket)."""
+    import docker
+
     with docker_errors("connecting to the Docker daemon", _DAEMON_HINT):
         client = docker.from_env(timeout=int(timeout_s))
         client.ping()
@@ -88,6 +100,8 @@ def docker_client(timeout_s: float = DEFAULT_TIMEOUT_S) -> docker.DockerClient:
 
 def image_info(client: docker.DockerClient, ref: str) -> ImageInfo | None:
     """What the daemon knows about ``ref`` (a tag or an ID), or None if it has no such image."""
+    from docker.errors import ImageNotFound
+
     with docker_errors(f"inspecting the image {ref}"):
         try:
             raw = client.api.inspect_image(ref)

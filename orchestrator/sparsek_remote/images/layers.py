@@ -21,12 +21,14 @@ import json
 import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import docker
 from sparsek_remote.errors import ImageError
 from sparsek_remote.images._stream import SavedArchive
 from sparsek_remote.images.build import ImageInfo, docker_errors
+
+if TYPE_CHECKING:  # docker itself is imported where a client is made (build.py)
+    import docker
 
 SaveFormat = Literal["legacy", "oci"]
 _OCI_MIN_API = (1, 44)  # Docker 25.0, the first to save an OCI layout
