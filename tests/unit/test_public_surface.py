@@ -30,3 +30,13 @@ def test_base_import_needs_no_host_or_gpu_packages() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_the_command_line_starts_without_docker_or_matplotlib() -> None:
+    """Every command pays for what the CLI imports at start-up: the docker SDK is
+    imported where a Docker client is made, matplotlib where a chart is drawn."""
+    code = ("import sys, sparsek_remote.cli\n"
+            "print(sorted({'docker', 'urllib3', 'matplotlib'} & set(sys.modules)))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]"
