@@ -49,6 +49,16 @@ def test_shipped_jobs_load(project_root: Path) -> None:
             "seed-h128"} <= names
 
 
+def test_the_readme_example_job_is_a_valid_job(project_root: Path, tmp_path: Path) -> None:
+    readme = (project_root / "README.md").read_text(encoding="utf-8")
+    example = "name: local-smoke" + readme.split("```yaml\nname: local-smoke", 1)[1].split(
+        "```", 1)[0]
+    (tmp_path / "example.yaml").write_text(example)
+    job = load_job(tmp_path / "example.yaml")
+    assert job.timing.warmup_seconds is None and job.timing.min_seconds is None
+    assert job.timing.for_device("cuda").min_seconds == 1.0
+
+
 def test_good_job_parses(tmp_path: Path) -> None:
     path = tmp_path / "good.yaml"
     path.write_text(GOOD)
