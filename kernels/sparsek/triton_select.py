@@ -328,6 +328,13 @@ def sparsek_block_causal_fwd_kernel(
         tau = _block_causal_tau(z_ptr, sp_ptr, u_ptr, p_g, bf_ptr, bi_ptr, row, i_bh, i_blk,
                                 NBND, P, n_base, n_g, K, MAXIT, big, z_cut, u_e, m_e, o_q,
                                 BQ, BM, NS, CHX)
+    _store_selection(tau_ptr, rk_ptr, cnt_ptr, row, q_pos, m_q, big, tau, rk, cnt, n_g, S)
+
+
+@triton.jit
+def _store_selection(tau_ptr, rk_ptr, cnt_ptr, row, q_pos, m_q, big, tau, rk, cnt, n_g, S):
+    """Write the queries' (tau, rk, cnt). A query that is not ``big`` (at most K
+    candidates) keeps every list entry and every extra: cnt n_g, a cut every rank passes."""
     cnt = tl.where(big, cnt, n_g)
     rk = tl.where(big, rk, S)
     tl.store(tau_ptr + row + q_pos, tau, mask=m_q)

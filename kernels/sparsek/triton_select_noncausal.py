@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from sparsek.triton_select import _mid_terms, _newton_step, _outward
+from sparsek.triton_select import _mid_terms, _newton_step, _outward, _store_selection
 
 
 @triton.jit
@@ -69,11 +69,7 @@ def sparsek_block_noncausal_fwd_kernel(
     row1 = i_bh.to(tl.int64) * (S + 1)
     tau = _noncausal_threshold(z_ptr, zpre_ptr, row, row1, S, K, MAXIT, LOGS, big, z_cut,
                                u_w, BQ)
-    cnt = tl.where(big, cnt, n_g)
-    rk = tl.where(big, rk, S)
-    tl.store(tau_ptr + row + q_pos, tau, mask=m_q)
-    tl.store(rk_ptr + row + q_pos, rk, mask=m_q)
-    tl.store(cnt_ptr + row + q_pos, cnt, mask=m_q)
+    _store_selection(tau_ptr, rk_ptr, cnt_ptr, row, q_pos, m_q, big, tau, rk, cnt, n_g, S)
 
 
 @triton.jit
