@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -31,6 +32,10 @@ MIN_FREE_BYTES = 64 * 2**20
 # The job script touches the heartbeat every few seconds while the job lives.
 STALE_HEARTBEAT_S = 30 * jobscript.HEARTBEAT_S
 _POLL_CHUNK = 256 * 1024
+# A poll waits on the host at most this long for the job to write or end, looking
+# every _TICK_S (the job script's step).
+LONG_POLL_S = 1.0
+_TICK_S = 0.05
 _INFO_RE = re.compile(r"(\w+)=(\S+)")
 
 Event = dict[str, Any]
@@ -190,12 +195,16 @@ def follow(conn: Connection, job: RemoteJob, *, on_event: Callable[[Event], None
            poll_s: float = 0.3) -> JobStatus:
     """Hand on the job's events (and log lines) until it ends or ``stop`` is set.
 
-    Returns the last status: ``running`` when stopped early. A dropped link raises
-    ``RemoteError``; the job itself goes on."""
+    Each poll waits on the host (up to ``LONG_POLL_S``) until the job writes or ends, so
+    both reach the client within a twentieth of a second; a host that answered at once
+    with nothing new (it could not wait) is asked again after ``poll_s``. Returns the
+    last status: ``running`` when stopped early. A dropped link raises ``RemoteError``;
+    the job itself goes on."""
     cursor = _Cursor()
     waiter = stop if stop is not None else threading.Event()
     while True:
-        current, events, log = _poll(conn, job, cursor, most=_POLL_CHUNK)
+        asked = time.monotonic()
+        current, events, log = _poll(conn, job, cursor, most=_POLL_CHUNK, wait_s=LONG_POLL_S)
         for event in _lines(cursor, "partial_event", events):
             _deliver(event, on_event)
         for line in _lines(cursor, "partial_log", log):
@@ -203,7 +212,8 @@ def follow(conn: Connection, job: RemoteJob, *, on_event: Callable[[Event], None
                 on_log(line.decode("utf-8", errors="replace"))
         if cursor.pending:
             continue
-        if current.state != "running" or waiter.wait(poll_s):
+        quiet = not events and not log and time.monotonic() - asked < LONG_POLL_S / 2
+        if current.state != "running" or waiter.wait(poll_s if quiet else 0):
             return current
 
 
@@ -230,10 +240,11 @@ def _ensure_script(conn: Connection, job: RemoteJob) -> None:
                      what="installing the job script")
 
 
-def _poll(conn: Connection, job: RemoteJob, cursor: _Cursor, *, most: int
-          ) -> tuple[JobStatus, bytes, bytes]:
+def _poll(conn: Connection, job: RemoteJob, cursor: _Cursor, *, most: int,
+          wait_s: float = 0.0) -> tuple[JobStatus, bytes, bytes]:
+    ticks = round(wait_s / _TICK_S)
     result = conn.run(["sh", job.script, "poll", job.run_dir, str(cursor.events),
-                       str(cursor.log), str(most)], what="following the job")
+                       str(cursor.log), str(most), str(ticks)], what="following the job")
     head, _, rest = result.stdout.partition(b"\n")
     info = _info(head.decode("ascii", errors="replace"))
     if info.get("state") == "missing":

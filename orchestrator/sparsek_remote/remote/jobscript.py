@@ -89,11 +89,26 @@ wrap)
   release_lock "$remote_dir" "$run_id"
   ;;
 poll)
-  run_dir=$1 ev_off=$2 log_off=$3 most=$4
+  run_dir=$1 ev_off=$2 log_off=$3 most=$4 ticks=${5:-0}
   if ! cd "$run_dir" 2>/dev/null; then
     printf 'state=missing\n'
     exit 0
   fi
+  # Long poll: while the job runs and has written nothing new, wait up to ticks x 0.05 s,
+  # so the client hears of new output or the end at once without asking many times.
+  # The end is read from exit_code, not the process: an orphan nobody reaps stays a
+  # zombie, and kill -0 still finds it.
+  pid=$(cat pid 2>/dev/null || true)
+  while [ "$ticks" -gt 0 ] && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; do
+    ec=-
+    read -r ec < exit_code 2>/dev/null || true
+    [ "$ec" = - ] || break
+    ev=$(stat -c %s events.jsonl 2>/dev/null || echo 0)
+    lg=$(stat -c %s runner.stderr 2>/dev/null || echo 0)
+    { [ "$ev" -gt "$ev_off" ] || [ "$lg" -gt "$log_off" ]; } && break
+    sleep 0.05 2>/dev/null || break
+    ticks=$(( ticks - 1 ))
+  done
   # The exit code first: once it is there, the sizes read below are final.
   ec=$(tr -d ' \n' < exit_code 2>/dev/null || true)
   pid=$(cat pid 2>/dev/null || true)
