@@ -20,9 +20,10 @@ from sparsek_remote import images, remote
 from sparsek_remote.errors import ImageError, RemoteError, SparsekRemoteError
 from sparsek_remote.settings import Settings
 from sparsek_remote.workflow import preflight
+from sparsek_remote.workflow._remote_host import known_hosts_path
+from sparsek_remote.workflow._wheels import WheelCache
 from sparsek_remote.workflow.deployments import Deployment, save_deployment
 from sparsek_remote.workflow.preflight import HostKind, Preflight
-from sparsek_remote.workflow.remote_run import build_wheels
 
 BuildOptions = images.BuildOptions  # the command line builds one without importing images
 
@@ -104,7 +105,7 @@ class _Shared:
     image: images.BuiltImage
     options: remote.ConnectOptions
     codec: images.Codec
-    project_root: Path
+    wheels: WheelCache  # built once, by the first bare host that needs them
     on_event: EventSink
 
     def stage(self, alias: str, state: str, detail: str = "") -> None:
@@ -122,9 +123,10 @@ def deploy(settings: Settings, *, project_root: Path, aliases: list[str] | None 
     sink = on_event or (lambda _event: None)
     built = build(project_root, options, on_event=sink)
     connect = remote.ConnectOptions(
-        known_hosts=settings.state_dir / remote.KNOWN_HOSTS_NAME,
+        known_hosts=known_hosts_path(settings),
         timeout_s=connect_timeout_s, trust_new_host_key=trust_new_host_key)
-    shared = _Shared(settings, built, connect, codec, Path(project_root), sink)
+    wheels = WheelCache(Path(project_root), settings.state_dir / "wheels")
+    shared = _Shared(settings, built, connect, codec, wheels, sink)
     with ThreadPoolExecutor(max_workers=max(1, len(chosen))) as pool:
         done = list(pool.map(lambda a: _deploy_host(shared, a), chosen))
     return DeployOutcome(built, {d.alias: d for d in done})
@@ -181,8 +183,7 @@ def _prepare_host(shared: _Shared, alias: str, found: dict[str, Any]) -> None:
 
 
 def _install_bare(shared: _Shared, conn: remote.Connection) -> str:
-    wheels = build_wheels(shared.project_root, shared.settings.state_dir / "wheels")
-    env = remote.install(conn, f"{conn.home()}/{conn.host.remote_dir}", wheels)
+    env = remote.install(conn, f"{conn.home()}/{conn.host.remote_dir}", shared.wheels())
     return env.wheels_tag
 
 
