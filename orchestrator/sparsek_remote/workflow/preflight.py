@@ -152,7 +152,7 @@ _READERS = {
     "user": _user,
     "docker": lambda v: {"docker_version": v} if v else {},
     "docker-error": lambda v: {"docker_error": v[:200] or "docker did not answer"},
-    "runtimes": lambda v: {"nvidia_runtime": '"nvidia"' in v} if '"nvidia"' in v else {},
+    "runtimes": lambda v: {"nvidia_runtime": True} if '"nvidia"' in v else {},
     "nvidia-toolkit": lambda v: {"nvidia_runtime": True},
     "disk": _number,
     "ncu": lambda v: {"ncu_path": v} if v and v != "none" else {},
