@@ -43,7 +43,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "orchestrator"), str(ROOT / "kernels")]
 
 from sparsek_remote import images, remote, workflow  # noqa: E402
 from sparsek_remote.images._compress import BlockCompressor  # noqa: E402
-from sparsek_remote.images._stream import SavedArchive  # noqa: E402
+from sparsek_remote.images._stream import ChunkReader, SavedArchive  # noqa: E402
 from sparsek_remote.settings import HostSettings, Settings  # noqa: E402
 from tests.integration.docker_fixtures import (  # noqa: E402
     BASE_IMAGE,
@@ -84,8 +84,8 @@ def run(args: argparse.Namespace, work: Path, host: LoopbackSshd | _External) ->
                         state_dir=work / ".sparsek", results_dir=work / "results")
     client = images.docker_client()
     built = workflow.build(tree, options)
-    rows = [_raw_link(host, args.raw_bytes), _source(built.tag)]
-    raw_rate = _rate(rows[0])
+    raw, raw_rate = _raw_link(host, args.raw_bytes)
+    rows = [raw, _source(built.tag)]
     baseline, baseline_s = _baseline(host, built.tag)
     rows.append(baseline)
     _forget(host, built.tag)
@@ -101,14 +101,15 @@ def run(args: argparse.Namespace, work: Path, host: LoopbackSshd | _External) ->
     return rows
 
 
-def _raw_link(host: LoopbackSshd | _External, size: int) -> Row:
+def _raw_link(host: LoopbackSshd | _External, size: int) -> tuple[Row, float]:
     started = time.monotonic()
     zeros = subprocess.Popen(["head", "-c", str(size), "/dev/zero"], stdout=subprocess.PIPE)
     subprocess.run([*host.ssh_argv(), "cat > /dev/null"], stdin=zeros.stdout, check=True)
     zeros.wait()
     seconds = time.monotonic() - started
-    return Row("raw link: ssh cat > /dev/null", f"{size / seconds / 1e6:.0f} MB/s "
-               f"({_mb(size)} in {seconds:.1f} s)")
+    rate = size / seconds / 1e6
+    return Row("raw link: ssh cat > /dev/null", f"{rate:.0f} MB/s "
+               f"({_mb(size)} in {seconds:.1f} s)"), rate
 
 
 def _source(tag: str) -> Row:
@@ -173,7 +174,7 @@ def _throughput(settings: Settings, client, built: images.BuiltImage,
     options = remote.ConnectOptions(known_hosts=settings.state_dir / remote.KNOWN_HOSTS_NAME)
     with remote.Connection(ALIAS, settings.host(ALIAS), options) as conn:
         started = time.monotonic()
-        conn.stream_in(["sh", "-c", "cat > /dev/null"], _Reader(archive), what="streaming")
+        conn.stream_in(["sh", "-c", "cat > /dev/null"], ChunkReader(archive), what="streaming")
         stream_s = time.monotonic() - started
     stats = archive.stats
     wire_rate = stats.wire_bytes / stream_s / 1e6
@@ -228,20 +229,6 @@ def _deploy(settings: Settings, tree: Path, options: images.BuildOptions, codec:
 def _forget(host: LoopbackSshd | _External, tag: str) -> None:
     subprocess.run([*host.ssh_argv(), f"docker rmi -f {tag} >/dev/null 2>&1; true"],
                    check=True)
-
-
-class _Reader:
-    def __init__(self, chunks) -> None:
-        self._chunks, self._view = iter(chunks), memoryview(b"")
-
-    def read(self, size: int) -> bytes:
-        while not self._view:
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                return b""
-            self._view = memoryview(chunk)
-        data, self._view = bytes(self._view[:size]), self._view[size:]
-        return data
 
 
 @dataclass
@@ -352,10 +339,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--user", default="root")
     parser.add_argument("--fingerprint", help="its host key, SHA256:...")
     return parser
-
-
-def _rate(row: Row) -> float:
-    return float(row.value.split(" MB/s")[0])
 
 
 def _mb(count: int) -> str:
