@@ -187,7 +187,7 @@ def run_job(job: JobSpec, out_dir: Path | str, *, run_id: str, host_alias: str,
     resolved = resolve_device(job.device if device == "auto" else device)
     provenance = _provenance(resolved, host_alias, git_commit, git_dirty, image_digest)
     folder = prepare_out_dir(Path(out_dir))
-    log, handler, previous_level = _open_log(folder)
+    log, handler, previous_level = open_log(folder)
     try:
         card = cardstate.open_reader(resolved, _nvml_index(resolved))
         try:
@@ -206,7 +206,7 @@ def run_job(job: JobSpec, out_dir: Path | str, *, run_id: str, host_alias: str,
         write_results(folder, results)
         log.info("results written; %s", events.done(results.results)["counts"])
     finally:
-        _close_log(log, handler, previous_level)
+        close_log(log, handler, previous_level)
     write_manifest(folder, run_id=run_id, job=job, provenance=provenance)
     emit(events.done(results.results))
     return results
@@ -280,7 +280,8 @@ def _provenance(device: str, host_alias: str, git_commit: str | None, git_dirty:
                                "commit: 7-40 hex digits; image digest: sha256:<64 hex>") from None
 
 
-def _open_log(folder: Path) -> tuple[logging.Logger, logging.Handler, int]:
+def open_log(folder: Path) -> tuple[logging.Logger, logging.Handler, int]:
+    """The runner's logger, writing to ``folder``'s log at INFO; ``close_log`` undoes it."""
     log = logging.getLogger(LOGGER_NAME)
     handler = logging.FileHandler(folder / LOG_NAME, encoding="utf-8")
     formatter = logging.Formatter(_LOG_FORMAT, datefmt="%Y-%m-%dT%H:%M:%S")
@@ -292,7 +293,7 @@ def _open_log(folder: Path) -> tuple[logging.Logger, logging.Handler, int]:
     return log, handler, previous
 
 
-def _close_log(log: logging.Logger, handler: logging.Handler, previous_level: int) -> None:
+def close_log(log: logging.Logger, handler: logging.Handler, previous_level: int) -> None:
     log.removeHandler(handler)
     handler.close()
     log.setLevel(previous_level)

@@ -37,6 +37,7 @@ from pathlib import Path
 from sparsek.runner import events
 from sparsek.runner.bundle import prepare_out_dir
 from sparsek.runner.events import EventSink
+from sparsek.runner.execute import close_log, open_log
 from sparsek.runner.gpus import Worker
 from sparsek.runner.merge import SHARDS_FOLDER, Merged, ShardOutcome, merge_into
 from sparsek.runner.relay import Relay, WorkerProcess, child_env
@@ -44,9 +45,8 @@ from sparsek.runner.shard import Shard, estimate_seconds, plan, select_items
 from sparsek_remote.artifacts import validate_bundle
 from sparsek_remote.errors import BundleError, ConfigError
 from sparsek_remote.jobspec import JobSpec
-from sparsek_remote.schema import LOG_NAME, RUN_ID_PATTERN
+from sparsek_remote.schema import RUN_ID_PATTERN
 
-LOGGER_NAME = "sparsek.runner"
 _POLL_S = 0.1
 _STOP_GRACE_S = 10.0
 # The job's time budget also covers merging and, on a host, fetching: workers get
@@ -80,7 +80,7 @@ def run_multi(run: MultiRun, on_event: EventSink | None = None) -> Merged:
     out = prepare_out_dir(run.out).resolve()
     (out / SHARDS_FOLDER).mkdir()
     relay = Relay(on_event or (lambda event: None))
-    log, handler = _open_log(out)
+    log, handler, previous_level = open_log(out)
     try:
         _log_plan(log, run, shards)
         relay.emit(events.start(run.run_id, run.device, sum(len(s.items) for s in shards))
@@ -89,8 +89,7 @@ def run_multi(run: MultiRun, on_event: EventSink | None = None) -> Merged:
         outcomes = _run_workers(run, shards, out, relay, log)
         _log_outcomes(log, outcomes, time.monotonic() - started)
     finally:
-        log.removeHandler(handler)
-        handler.close()
+        close_log(log, handler, previous_level)
     merged = merge_into(out, run.job, run.run_id, outcomes)
     relay.emit(events.done(list(merged.results.results)) | {"lost": [x.item for x in merged.lost]})
     return merged
@@ -227,17 +226,3 @@ def _outcome(run: MultiRun, proc: WorkerProcess, relay: Relay) -> ShardOutcome:
                 "seconds": round(proc.seconds, 3), "error": failure})
     return ShardOutcome(proc.worker, proc.shard, proc.folder, bundle, failure, proc.seconds,
                         proc.stderr_tail())
-
-
-def _open_log(folder: Path) -> tuple[logging.Logger, logging.Handler]:
-    log = logging.getLogger(LOGGER_NAME)
-    handler = logging.FileHandler(folder / LOG_NAME, encoding="utf-8")
-    formatter = logging.Formatter("%(asctime)sZ %(levelname)-7s %(message)s",
-                                  datefmt="%Y-%m-%dT%H:%M:%S")
-    formatter.converter = time.gmtime
-    handler.setFormatter(formatter)
-    log.addHandler(handler)
-    if log.level == logging.NOTSET or log.level > logging.INFO:
-        log.setLevel(logging.INFO)
-    return log, handler
-
