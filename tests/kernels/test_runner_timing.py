@@ -31,11 +31,11 @@ from sparsek.runner.sampling import (
     calls_per_replay,
     head_start_us,
     min_samples,
-    warmup_chunk,
     rotation_count,
     round_size,
     should_use_graph,
     stop_reason,
+    warmup_chunk,
 )
 from sparsek.runner.stats import CI_MIN_SAMPLES, relative_ci
 from sparsek.runner.timing import collect, measure, warm_up
@@ -151,20 +151,24 @@ def test_warm_up_chunks_double_until_both_the_count_and_the_seconds_are_done():
 
 
 def test_warm_up_runs_for_its_seconds_after_the_first_call():
+    # A clock that each call moves: 0.5 s for the first (compiling or tuning), 0.01 s
+    # for each after it, so the test reads no wall time.
+    now = [0.0]
     made: list[int] = []
 
     def run(k: int) -> None:
+        now[0] += 0.5 if not made else 0.01 * k
         made.append(k)
-        time.sleep(0.5 if len(made) == 1 else 0.01 * k)  # a slow first call (tuning)
 
-    begin = time.perf_counter()
-    done = warm_up(run, policy(warmup=2, warmup_seconds=0.2).for_device("cpu"))
-    took = time.perf_counter() - begin
-    assert done == sum(made) and made[:4] == [1, 2, 4, 8]
-    assert 0.7 <= took < 1.3                                   # 0.5 s first call + >= 0.2 s
-    assert warm_up(run, policy(warmup=0).for_device("cpu")) == 0
+    done = warm_up(run, policy(warmup=2, warmup_seconds=0.2).for_device("cpu"),
+                   clock=lambda: now[0])
+    # 0.2 s after the first call: 2 + 4 + 8 calls reach 0.14 s, 16 more pass 0.2 s.
+    assert made == [1, 2, 4, 8, 16] and done == 31
     made.clear()
-    assert warm_up(run, policy(warmup=3).for_device("cpu")) == 3 and made == [1, 2]
+    assert warm_up(run, policy(warmup=0).for_device("cpu"), clock=lambda: now[0]) == 0
+    assert made == []
+    assert warm_up(run, policy(warmup=3).for_device("cpu"), clock=lambda: now[0]) == 3
+    assert made == [1, 2]
 
 
 def test_the_ci_rule_never_fires_without_a_real_95_percent_interval():

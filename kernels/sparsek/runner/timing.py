@@ -58,16 +58,17 @@ def collect(take: TakeSamples, policy: TimingPolicy, *, taken: Sequence[float] =
         samples += take(round_size(len(samples), per_sample, elapsed, policy))
 
 
-def warm_up(run: Callable[[int], None], policy: TimingPolicy) -> int:
+def warm_up(run: Callable[[int], None], policy: TimingPolicy, *,
+            clock: Callable[[], float] = time.perf_counter) -> int:
     """Warm-up of at least ``policy.warmup`` calls and ``policy.warmup_seconds``
     (resolved, see TimingPolicy.for_device); ``run(k)`` makes k calls and returns once
     they are done. Returns the number of calls made."""
     if not policy.warmup and not policy.warmup_seconds:
         return 0
     run(1)  # the first call may compile or tune, so the clock starts after it
-    done, chunk, begin = 1, 2, time.perf_counter()
-    while k := warmup_chunk(done, chunk, time.perf_counter() - begin
-                            < (policy.warmup_seconds or 0.0), policy):
+    done, chunk, begin = 1, 2, clock()
+    while k := warmup_chunk(done, chunk, clock() - begin < (policy.warmup_seconds or 0.0),
+                            policy):
         run(k)
         done, chunk = done + k, 2 * k
     return done
