@@ -89,7 +89,9 @@ class DeployOutcome:
             return None
         if len(self.hosts) == 1:
             return self.hosts[failed[0]].error
-        lines = "\n".join(f"  - {a}: {self.hosts[a].error}" for a in failed)
+        # A host's error spans lines (its command's output, its hint): indented under it.
+        lines = "\n".join(f"  - {a}: " + str(self.hosts[a].error).replace("\n", "\n    ")
+                          for a in failed)
         ready = ", ".join(a for a in self.hosts if a not in failed) or "none"
         return RemoteError(f"deploy failed on {len(failed)} of {len(self.hosts)} hosts "
                            f"({', '.join(failed)}); ready: {ready}\n{lines}",
