@@ -329,11 +329,7 @@ def _describe(exc: ValidationError, lines: dict[tuple, int]) -> list[str]:
         field = _dotted(loc) or "(top level)"
         line = _line_for(loc, lines)
         where = f"line {line}: " if line else ""
-        message = _message(err)
-        if loc[:1] == ("targets",) and err["type"] == "string_pattern_mismatch":
-            message = ("a host alias: lower-case letters, digits, '_' and '-' only, as "
-                       "named in .env (or 'local')")
-        problems.append(f"{where}{field}: {message}")
+        problems.append(f"{where}{field}: {_message(err)}")
     return problems
 
 
@@ -355,15 +351,21 @@ def _line_for(loc: tuple, lines: dict[tuple, int]) -> int | None:
     return None
 
 
+# What each pattern allows, in words, for the message of a value that does not match it.
+_PATTERN_RULES = {
+    NAME_PATTERN: ("may hold only letters, digits, '.', '_' and '-' (no spaces or shell "
+                   "characters), and must start with a letter or digit"),
+    TARGET_PATTERN: ("a host alias: lower-case letters, digits, '_' and '-' only, as named "
+                     "in .env (or 'local')"),
+}
+
+
 def _message(err: dict[str, Any]) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
         return "unknown key; remove it or check its spelling (`sparsek-remote schema` lists the keys)"
     if kind == "string_pattern_mismatch":
-        return (
-            "may hold only letters, digits, '.', '_' and '-' (no spaces or shell "
-            "characters), and must start with a letter or digit"
-        )
+        return _PATTERN_RULES.get(err.get("ctx", {}).get("pattern"), _PATTERN_RULES[NAME_PATTERN])
     if kind == "missing":
         return "is required"
     msg = err["msg"]
