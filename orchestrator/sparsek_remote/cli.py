@@ -481,11 +481,13 @@ def _deploy_json(outcome: workflow.DeployOutcome, error: SparsekRemoteError | No
 
 def _size(count: int | None) -> str:
     value = float(count or 0)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+    if value < 1024:
+        return f"{value:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
         value /= 1024
-    return f"{value:.1f} GiB"
+        if value < 1024 or unit == "GiB":
+            break
+    return f"{value:.1f} {unit}"
 
 
 @contextmanager
