@@ -32,13 +32,14 @@ def parse_gpu_spec(text: str) -> GpuSpec:
             raise ValueError(f"a count of GPUs must be at least 1; {HOW_TO_WRITE}")
         return int(text)
     parts = [p.strip() for p in text.split(",")]
-    if parts and parts[-1] == "":
+    if parts[-1] == "":  # str.split gives at least one part
         parts.pop()  # the trailing comma of "3,"
     if not parts or not all(_NUMBER.fullmatch(p) for p in parts):
         raise ValueError(f"not a choice of GPUs; {HOW_TO_WRITE}")
-    if len(set(map(int, parts))) != len(parts):
+    indices = tuple(map(int, parts))
+    if len(set(indices)) != len(indices):
         raise ValueError(f"names one GPU twice; {HOW_TO_WRITE}")
-    return tuple(int(p) for p in parts)
+    return indices
 
 
 def gpu_spec_text(spec: GpuSpec) -> str:
