@@ -3,6 +3,7 @@ runner's command line to run them."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from sparsek_remote.jobspec import JobSpec, parse_job
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_ID = "20260101T000000Z-runner-test-0a1b2c"
+HOST = "test-host"
 FAST_TIMING = {"warmup": 1, "repetitions": 5, "max_seconds": 0.2, "flush_l2": True}
 
 
@@ -36,16 +38,32 @@ SDPA_CUDNN = {"kind": "sdpa", "backend": "cudnn"}
 SDPA_EFFICIENT = {"kind": "sdpa", "backend": "efficient"}
 
 
+def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment with the project's packages on PYTHONPATH, plus ``extra``."""
+    path = os.pathsep.join([str(ROOT / "orchestrator"), str(ROOT / "kernels")])
+    return {**os.environ, "PYTHONPATH": path, **(extra or {})}
+
+
+def cli_args(job_file: Path, out: Path, *extra: str) -> list[str]:
+    """``python -m sparsek.runner`` on ``job_file`` into ``out``, as run ``RUN_ID`` on
+    ``HOST``, with ``extra`` arguments."""
+    return [sys.executable, "-m", "sparsek.runner", "--job", str(job_file), "--out", str(out),
+            "--run-id", RUN_ID, "--host-alias", HOST, *extra]
+
+
 def run_cli(tmp_path: Path, job_json: str, *extra: str, out: Path | None = None,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``python -m sparsek.runner`` on ``job_json`` (written to ``tmp_path/job.json``),
     into ``out`` (default ``tmp_path/bundle``), with ``extra`` arguments."""
     job_file = tmp_path / "job.json"
     job_file.write_text(job_json, encoding="utf-8")
-    path = os.pathsep.join([str(ROOT / "orchestrator"), str(ROOT / "kernels")])
-    full_env = {**os.environ, "PYTHONPATH": path, **(env or {})}
-    args = [sys.executable, "-m", "sparsek.runner", "--job", str(job_file),
-            "--out", str(out or tmp_path / "bundle"), "--run-id", RUN_ID,
-            "--host-alias", "test-host", *extra]
-    return subprocess.run(args, capture_output=True, text=True, env=full_env, timeout=240,
+    return subprocess.run(cli_args(job_file, out or tmp_path / "bundle", *extra),
+                          capture_output=True, text=True, env=cli_env(env), timeout=240,
                           check=False)
+
+
+def events_of(stdout: str) -> list[dict]:
+    """Every stdout line must be one JSON object with an "event" field."""
+    events = [json.loads(line) for line in stdout.splitlines()]
+    assert all(isinstance(e, dict) and isinstance(e.get("event"), str) for e in events)
+    return events

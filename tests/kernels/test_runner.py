@@ -25,16 +25,10 @@ from tests.kernels.runner_jobs import (
     SDPA_MATH,
     SPARSEK_REFERENCE,
     case,
+    events_of,
     make_job,
     run_cli,
 )
-
-
-def events_of(stdout: str) -> list[dict]:
-    """Every stdout line must be one JSON object with an "event" field."""
-    events = [json.loads(line) for line in stdout.splitlines()]
-    assert all(isinstance(e, dict) and isinstance(e.get("event"), str) for e in events)
-    return events
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from sparsek.runner import gpus
 from sparsek_remote.artifacts import validate_bundle
 from sparsek_remote.errors import RunnerError
-from tests.kernels.runner_jobs import RUN_ID, SDPA_MATH, case, make_job, run_cli
+from tests.kernels.runner_jobs import HOST, RUN_ID, SDPA_MATH, case, make_job, run_cli
 
 THREE_GPUS = """\
 0, NVIDIA H100 80GB HBM3, GPU-3b1f5e2a-0000-1111-2222-333344445555, 580.65.06, 9.0
@@ -73,7 +73,7 @@ def _in_one_process(done, bundle: Path) -> None:
     """A bundle that validates, written by the runner itself: no shards, no per-GPU
     results, and the start event of a single runner."""
     assert done.returncode == 0, done.stderr
-    valid = validate_bundle(bundle, expected_run_id=RUN_ID, expected_host="test-host")
+    valid = validate_bundle(bundle, expected_run_id=RUN_ID, expected_host=HOST)
     assert [r.status for r in valid.results.results] == ["ok", "ok"]
     assert all(r.gpu_index is None for r in valid.results.results)
     assert valid.manifest.provenance.gpus == [] and valid.manifest.provenance.device == "cpu"

@@ -15,7 +15,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,16 +29,17 @@ from sparsek_remote.errors import BundleError, ConfigError
 from sparsek_remote.jobspec import load_job
 from sparsek_remote.schema import LOG_NAME, RESULTS_NAME, GpuProvenance
 from tests.kernels.runner_jobs import (
+    HOST,
+    ROOT,
     RUN_ID,
     SDPA_MATH,
     SPARSEK_REFERENCE,
     case,
+    cli_args,
+    cli_env,
+    events_of,
     make_job,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
-HOST = "test-host"
-
 
 # ---- the plan ---------------------------------------------------------------------
 
@@ -211,16 +211,6 @@ def small_job(cases: list[dict], implementations: list[dict], **policies):
     return make_job(cases, implementations, correctness={"max_queries": 8}, **policies)
 
 
-def cli_args(job_file: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "sparsek.runner", "--job", str(job_file), "--out", str(out),
-            "--run-id", RUN_ID, "--host-alias", HOST, *extra]
-
-
-def cli_env() -> dict[str, str]:
-    path = os.pathsep.join([str(ROOT / "orchestrator"), str(ROOT / "kernels")])
-    return {**os.environ, "PYTHONPATH": path}
-
-
 def write_job(tmp_path: Path, job) -> Path:
     job_file = tmp_path / "job.json"
     job_file.write_text(job.model_dump_json(), encoding="utf-8")
@@ -230,10 +220,6 @@ def write_job(tmp_path: Path, job) -> Path:
 def run_cli(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, env=cli_env(), timeout=120,
                           check=False)
-
-
-def events_of(stdout: str) -> list[dict]:
-    return [json.loads(line) for line in stdout.splitlines()]
 
 
 @pytest.fixture(scope="module")
