@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from sparsek.runner import gpus
 from sparsek_remote.artifacts import validate_bundle
@@ -20,6 +21,9 @@ THREE_GPUS = """\
 2, NVIDIA B200, GPU-77aa0000-0000-1111-2222-333344445555, 580.65.06, 10.0
 """
 PIN_2 = {"CUDA_VISIBLE_DEVICES": "2", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+# With device auto, the runner spreads over the stand-in's GPUs wherever PyTorch sees one.
+needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(),
+                                  reason="device auto must resolve to cpu here")
 
 
 def test_a_cpu_run_and_the_default_choose_no_gpu_and_list_none(fake_nvidia_smi):
@@ -90,6 +94,7 @@ def test_gpus_all_on_a_cpu_run_runs_in_this_process(tmp_path: Path, fake_nvidia_
     assert not calls.exists()
 
 
+@needs_no_gpu
 def test_gpus_all_where_pytorch_sees_no_gpu_runs_in_this_process(tmp_path: Path,
                                                                  fake_nvidia_smi):
     # Device auto: the GPUs are listed before PyTorch starts, then it resolves to cpu.
@@ -99,6 +104,7 @@ def test_gpus_all_where_pytorch_sees_no_gpu_runs_in_this_process(tmp_path: Path,
     assert "--query-gpu=index" in calls.read_text(encoding="utf-8")
 
 
+@needs_no_gpu
 def test_one_chosen_gpu_pins_this_process_before_cuda_starts(tmp_path: Path,
                                                              fake_nvidia_smi):
     fake_nvidia_smi(THREE_GPUS)
