@@ -68,7 +68,7 @@ def measure_cuda(calls: list[Call], policy: TimingPolicy) -> Timing:
 
 def _timing(method: str, samples: list[float], reason: str, policy: TimingPolicy,
             calls: list[Call], per_sample: int, fallback: str | None,
-            **extra: float | None) -> Timing:
+            **extra: float | int | None) -> Timing:
     return Timing(method=method, device="cuda",
                   l2_flushed=policy.flush_l2, samples_ms=samples, stats=summarize(samples),
                   calls_per_sample=per_sample, rotation_sets=len(calls), stop_reason=reason,
