@@ -20,6 +20,7 @@ from sparsek._checks import check_attention_inputs, check_out, check_triton_head
 from sparsek.triton_attn import sparsek_attn_fwd_kernel, sparsek_attn_fwd_tuned
 from sparsek.triton_select import sparsek_block_causal_fwd_kernel, sparsek_boundary_fwd_kernel
 from sparsek.triton_select_noncausal import sparsek_block_noncausal_fwd_kernel
+from sparsek.triton_select_scan import sparsek_causal_scan_kernel
 
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -32,6 +33,15 @@ SELECT_ROWS = 16
 # Register slots for the scores that bend inside a block's threshold bracket (the causal
 # fast path); a block with more takes the generic path.
 SLOTS = 32
+# Register slots of the causal scan's alive set (scores above the running threshold). The
+# scan serves a budget of at most a quarter of them; a row that overflows is redone by the
+# per-query kernels.
+SCAN_SLOTS = 1024
+# The scan walks each row in order, one program per row: it pays where there are enough
+# rows to fill the GPU, and a long row alone would be one long serial chain.
+SCAN_MIN_ROWS = 32
+SCAN_MAX_LEN = 16384
+SCAN_WARPS = 4
 
 
 @dataclass(frozen=True)
@@ -94,6 +104,14 @@ def _sort(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return z.contiguous(), order.to(torch.int32), rank
 
 
+def _scan_serves(bh: int, seq_len: int, budget: int, on_gpu: bool) -> bool:
+    """Whether the per-row scan computes the causal selection (see SCAN_SLOTS)."""
+    fits = 4 * budget <= SCAN_SLOTS
+    if not on_gpu:  # the interpreter: always, so the tests cover it
+        return fits
+    return fits and bh >= SCAN_MIN_ROWS and seq_len <= SCAN_MAX_LEN
+
+
 def _select_causal(scores, z, sp, rank, budget, window, cfg) -> Selection:
     bh, seq_len = scores.shape
     nblk = triton.cdiv(seq_len, cfg.block_m)
@@ -102,15 +120,23 @@ def _select_causal(scores, z, sp, rank, budget, window, cfg) -> Selection:
     lists = torch.empty((bh, nbnd, budget), dtype=torch.int32, device=dev)
     bf = torch.empty((bh, nbnd, 2), dtype=torch.float32, device=dev)
     bi = torch.empty((bh, nbnd, 4), dtype=torch.int32, device=dev)
-    sparsek_boundary_fwd_kernel[(nbnd, bh)](
-        z, sp, lists, bf, bi, seq_len, nbnd, budget, window, MAX_NEWTON,
-        BM=cfg.block_m, CH=cfg.chunk, num_warps=4)
     tau, rk, cnt = _per_query(scores)
+    # The scan writes every query of a row and flags the rows it could not hold; the
+    # per-query kernels then solve only those (all rows, when the scan does not run).
+    scan = _scan_serves(bh, seq_len, budget, scores.is_cuda)
+    flag = torch.zeros(bh, dtype=torch.int32, device=dev)
+    if scan:
+        sparsek_causal_scan_kernel[(bh,)](
+            scores, rank, tau, rk, cnt, flag, seq_len, budget, window, MAX_NEWTON,
+            BM=cfg.block_m, CAP=SCAN_SLOTS, CH=32, num_warps=SCAN_WARPS)
+    sparsek_boundary_fwd_kernel[(nbnd, bh)](
+        z, sp, lists, bf, bi, flag, seq_len, nbnd, budget, window, MAX_NEWTON,
+        BM=cfg.block_m, CH=cfg.chunk, GATED=scan, num_warps=4)
     sub = min(cfg.block_m, SELECT_ROWS)
     sparsek_block_causal_fwd_kernel[(nblk * (cfg.block_m // sub), bh)](
-        z, sp, rank, scores, lists, bf, bi, tau, rk, cnt, seq_len, nbnd, budget, window,
-        MAX_NEWTON, BM=cfg.block_m, BQ=sub, NS=SLOTS, CHX=64, LOGK=budget.bit_length(),
-        num_warps=4)
+        z, sp, rank, scores, lists, bf, bi, tau, rk, cnt, flag, seq_len, nbnd, budget,
+        window, MAX_NEWTON, BM=cfg.block_m, BQ=sub, NS=SLOTS, CHX=64,
+        LOGK=budget.bit_length(), GATED=scan, num_warps=4)
     return Selection(lists, rank, tau, rk, cnt)
 
 

@@ -112,9 +112,9 @@ def _move_cursor(z_ptr, sp_ptr, row, c, cnt, acc, t, P, S, STRICT: tl.constexpr,
 
 @triton.jit
 def sparsek_boundary_fwd_kernel(
-    z_ptr, sp_ptr, g_ptr, bf_ptr, bi_ptr,
+    z_ptr, sp_ptr, g_ptr, bf_ptr, bi_ptr, flag_ptr,
     S, NBND, K, W, MAXIT,
-    BM: tl.constexpr, CH: tl.constexpr,
+    BM: tl.constexpr, CH: tl.constexpr, GATED: tl.constexpr,
 ):
     """Causal block boundaries: top-K list and exact threshold of each prefix base.
 
@@ -123,7 +123,8 @@ def sparsek_boundary_fwd_kernel(
     bi [BH, NBND, 4] (a, n, c1, c2): at tau, a = #{base: z >= tau + 1},
     n = #{base: tau < z < tau + 1}, D = sum over that middle set of (z - tau),
     c1 = #{all: z > tau} and c2 = #{all: z >= tau + 1} (cursors into the sort).
-    tau = -inf where the base has at most K members.
+    tau = -inf where the base has at most K members. GATED: the thresholds are solved only
+    for rows whose flag is set (the rows the scan of ``triton_select_scan`` gave back).
     """
     i_b = tl.program_id(0)
     i_bh = tl.program_id(1)
@@ -154,7 +155,10 @@ def sparsek_boundary_fwd_kernel(
     n = cnt * 0
     c1 = cnt * 0
     c2 = cnt * 0
-    if n_base > K:
+    solve = n_base > K
+    if GATED:
+        solve = solve & (tl.load(flag_ptr + i_bh) != 0)
+    if solve:
         tau, d_mid, a, n, c1, c2 = _boundary_threshold(z_ptr, sp_ptr, row, z_k, P, S, K,
                                                        MAXIT, CH)
     p_f = bf_ptr + (i_bh.to(tl.int64) * NBND + i_b) * 2
@@ -286,10 +290,10 @@ def _list_terms(g_ptr, u_ptr, row, n_g, t, t1, BM: tl.constexpr, CHX: tl.constex
 
 @triton.jit
 def sparsek_block_causal_fwd_kernel(
-    z_ptr, sp_ptr, rank_ptr, u_ptr, g_ptr, bf_ptr, bi_ptr, tau_ptr, rk_ptr, cnt_ptr,
+    z_ptr, sp_ptr, rank_ptr, u_ptr, g_ptr, bf_ptr, bi_ptr, tau_ptr, rk_ptr, cnt_ptr, flag_ptr,
     S, NBND, K, W, MAXIT,
     BM: tl.constexpr, BQ: tl.constexpr, NS: tl.constexpr, CHX: tl.constexpr,
-    LOGK: tl.constexpr,
+    LOGK: tl.constexpr, GATED: tl.constexpr,
 ):
     """Causal per-query selection of BQ queries of one block: tau, rk and cnt [BH, S].
 
@@ -298,12 +302,26 @@ def sparsek_block_causal_fwd_kernel(
     bracket most scores contribute a constant or a linear term, summed once per query;
     only the few whose clip term bends inside it are kept, in NS register slots, so the
     Newton steps read no memory. A block with more bending scores than slots takes the
-    generic path, which visits them from memory on every step.
+    generic path, which visits them from memory on every step. GATED: only rows whose
+    flag is set are done; the scan of ``triton_select_scan`` wrote the others.
     """
+    i_bh = tl.program_id(1)
+    if GATED:
+        if tl.load(flag_ptr + i_bh) != 0:
+            _block_causal(z_ptr, sp_ptr, rank_ptr, u_ptr, g_ptr, bf_ptr, bi_ptr, tau_ptr,
+                          rk_ptr, cnt_ptr, i_bh, S, NBND, K, W, MAXIT, BM, BQ, NS, CHX, LOGK)
+    else:
+        _block_causal(z_ptr, sp_ptr, rank_ptr, u_ptr, g_ptr, bf_ptr, bi_ptr, tau_ptr, rk_ptr,
+                      cnt_ptr, i_bh, S, NBND, K, W, MAXIT, BM, BQ, NS, CHX, LOGK)
+
+
+@triton.jit
+def _block_causal(z_ptr, sp_ptr, rank_ptr, u_ptr, g_ptr, bf_ptr, bi_ptr, tau_ptr, rk_ptr,
+                  cnt_ptr, i_bh, S, NBND, K, W, MAXIT, BM: tl.constexpr, BQ: tl.constexpr,
+                  NS: tl.constexpr, CHX: tl.constexpr, LOGK: tl.constexpr):
     NSUB: tl.constexpr = BM // BQ
     i_blk = tl.program_id(0) // NSUB
     o_q = (tl.program_id(0) % NSUB) * BQ + tl.arange(0, BQ)  # query index in the block
-    i_bh = tl.program_id(1)
     row = i_bh.to(tl.int64) * S
     i0 = i_blk * BM
     q_pos = i0 + o_q

@@ -130,11 +130,19 @@ SCORE_PATTERNS = {
 }
 
 
-@pytest.mark.parametrize("causal", [True, False])
+# Causal selection runs two ways: the per-row scan, or (scan off: no slots) the per-query
+# kernels that also redo any row the scan gives back.
+PATHS = [(False, "per-block"), (True, "scan"), (True, "per-query")]
+
+
+@pytest.mark.parametrize(("causal", "path"), PATHS)
 @pytest.mark.parametrize("pattern", sorted(SCORE_PATTERNS))
-def test_selection_matches_the_mask(seed, pattern, causal):
+def test_selection_matches_the_mask(seed, monkeypatch, pattern, causal, path):
+    from sparsek import triton_fwd
     from sparsek.triton_fwd import ForwardConfig, select
 
+    if path == "per-query":
+        monkeypatch.setattr(triton_fwd, "SCAN_SLOTS", 0)
     S, K, W = 100, 9, 4
     u = SCORE_PATTERNS[pattern](torch.Generator().manual_seed(seed), S).contiguous()
     cfg = ForwardConfig(block_m=64, heads=1, block_n=16, chunk=16, num_warps=4, num_stages=1)
@@ -162,6 +170,7 @@ def test_causal_selection_when_bending_extras_overflow_the_slots(seed, monkeypat
     from sparsek import triton_fwd
 
     monkeypatch.setattr(triton_fwd, "SLOTS", slots)
+    monkeypatch.setattr(triton_fwd, "SCAN_SLOTS", 0)
     S, K, W = 257, 20, 8
     u = torch.randn(2, 1, S, generator=torch.Generator().manual_seed(seed))
     cfg = triton_fwd.ForwardConfig(block_m=64, heads=1, block_n=16, chunk=16, num_warps=4,
@@ -171,4 +180,34 @@ def test_causal_selection_when_bending_extras_overflow_the_slots(seed, monkeypat
     assert torch.equal(_selected(sel, S, K, W, True, 64), mask.selected.reshape(-1, S, S))
     want = mask.tau.reshape(-1, S)
     finite = torch.isfinite(want)
+    assert float((sel.tau.double() - want)[finite].abs().max()) <= 1e-6
+
+
+def test_rows_the_scan_cannot_hold_are_redone_by_the_per_query_kernels(seed, monkeypatch):
+    # 32 slots hold the alive scores of a random row (K = 7), never those of a constant
+    # or three-level row (every score within 1 of tau): those two overflow, raise their
+    # flag, and must still come out exactly as the mask says, next to the scanned row.
+    from sparsek import triton_fwd
+    from sparsek.triton_select_scan import sparsek_causal_scan_kernel
+
+    monkeypatch.setattr(triton_fwd, "SCAN_SLOTS", 32)
+    S, K, W = 257, 7, 4
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.stack([torch.randn(S, generator=gen), torch.full((S,), 0.3),
+                     torch.randint(0, 3, (S,), generator=gen).float()]).reshape(3, 1, S)
+    scores = u.reshape(3, S).contiguous()
+    _, _, rank = triton_fwd._sort(scores)
+    tau, rk, cnt = triton_fwd._per_query(scores)
+    flag = torch.zeros(3, dtype=torch.int32)
+    sparsek_causal_scan_kernel[(3,)](scores, rank, tau, rk, cnt, flag, S, K, W, 100, BM=64,
+                                     CAP=32, CH=32)
+    assert flag.tolist() == [0, 1, 1]
+    cfg = triton_fwd.ForwardConfig(block_m=64, heads=1, block_n=16, chunk=16, num_warps=4,
+                                   num_stages=1)
+    sel = triton_fwd.select(u, K, W, True, cfg)
+    mask = sparsek_mask(u, kv_budget=K, window=W, causal=True)
+    assert torch.equal(_selected(sel, S, K, W, True, 64), mask.selected.reshape(-1, S, S))
+    want = mask.tau.reshape(-1, S)
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(sel.tau), finite)
     assert float((sel.tau.double() - want)[finite].abs().max()) <= 1e-6

@@ -1,0 +1,87 @@
+"""Time the SparseK selection alone (sort, lists, per-query thresholds), per path.
+
+The forward's benchmark (``bench_sparsek.py``) times the whole operator; this one isolates
+the selection so its two causal paths can be compared on the same scores: the per-row
+scan, and the per-query kernels (``--paths scan,per-query``). Median of CUDA-event timings
+after a warm-up; prints one row per (shape, path, scan warps).
+
+Usage: python kernels/benchmarks/bench_select.py [--cases gpt4-4k,long-64k]
+       [--paths scan,per-query] [--warps 4] [--reps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import torch
+
+from sparsek import triton_fwd
+
+# (name, B, Hkv, S, K, W, causal, block_m): the bar shapes' selection, plus a GQA shape
+# with few rows, where the scan's serial walk matters most.
+SHAPES = {
+    "seed": (16, 96, 512, 64, 32, False, 64),
+    "gpt4-4k": (16, 96, 4096, 256, 256, True, 128),
+    "gpt4-gqa": (4, 8, 4096, 256, 256, True, 32),
+    "long-64k": (1, 8, 65536, 2048, 512, True, 32),
+}
+
+
+def time_select(u: torch.Tensor, budget: int, window: int, causal: bool,
+                cfg: triton_fwd.ForwardConfig, reps: int) -> float:
+    """Median milliseconds of one ``select`` call."""
+    for _ in range(3):
+        triton_fwd.select(u, budget, window, causal, cfg)
+    samples = []
+    for _ in range(reps):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        triton_fwd.select(u, budget, window, causal, cfg)
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end))
+    return statistics.median(samples)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default=",".join(SHAPES))
+    parser.add_argument("--paths", default="scan,per-query")
+    parser.add_argument("--warps", default="4", help="scan warps to try, comma-separated")
+    parser.add_argument("--reps", type=int, default=20)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_select needs a CUDA GPU", file=sys.stderr)
+        return 2
+    print(f"{'shape':10} {'path':10} {'warps':>5} {'median ms':>10} {'same as per-query':>18}")
+    for name in args.cases.split(","):
+        batch, kv_heads, seq_len, budget, window, causal, block_m = SHAPES[name]
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        u = torch.randn(batch, kv_heads, seq_len, device="cuda", generator=gen)
+        cfg = triton_fwd.ForwardConfig(block_m=block_m, heads=1, block_n=64, chunk=1024,
+                                       num_warps=4, num_stages=2)
+        slots, rows = triton_fwd.SCAN_SLOTS, triton_fwd.SCAN_MIN_ROWS
+        triton_fwd.SCAN_SLOTS = 0
+        want = triton_fwd.select(u, budget, window, causal, cfg)
+        for path in args.paths.split(","):
+            for warps in (args.warps.split(",") if path == "scan" and causal else ["-"]):
+                triton_fwd.SCAN_SLOTS = 0 if path == "per-query" else slots
+                triton_fwd.SCAN_MIN_ROWS = 1
+                if warps != "-":
+                    triton_fwd.SCAN_WARPS = int(warps)
+                got = triton_fwd.select(u, budget, window, causal, cfg)
+                same = (torch.equal(got.rk, want.rk) and torch.equal(got.cnt, want.cnt)
+                        and float((got.tau - want.tau).nan_to_num(0.0, 0.0, 0.0).abs().max())
+                        <= 1e-5)
+                ms = time_select(u, budget, window, causal, cfg, args.reps)
+                print(f"{name:10} {path:10} {warps:>5} {ms:10.3f} {str(same):>18}",
+                      flush=True)
+        triton_fwd.SCAN_SLOTS, triton_fwd.SCAN_MIN_ROWS = slots, rows
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,143 @@
+"""Causal selection by one sequential scan per (batch, kv head) row.
+
+Query i's candidates are the prefix ``[0, i - W]``, so walking the positions in order adds
+one candidate per query. Two facts make that walk cheap:
+
+- tau never decreases along the row, so a score at or below the current tau contributes
+  nothing now and never will again. Only the *alive* scores (``z > tau``) matter, and a
+  new score that is not alive changes neither tau nor the cut.
+- A new alive score raises ``f(t) = sum clip(z - t, 0, 1)`` by at most 1, so the new root
+  lies just above the old one and the safeguarded Newton iteration of ``triton_select``
+  lands on it in one or two passes over the alive set, which stays in registers.
+
+The top K are always alive (their scores are at least z_K > tau), so the cut (the global
+rank of the K-th best candidate) moves by one masked maximum when a new score enters them,
+and each query's list count follows from how many of the block's extras are among them.
+
+The alive set is held in ``CAP`` register slots. A row whose alive set ever needs more
+(scores packed within a width of 1, such as long runs of ties) raises its flag, and the
+per-query kernels of ``triton_select`` redo that row; on random scores the alive set of
+K = 256 at S = 4096 holds about 560 scores.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from sparsek.triton_select import _newton_step, _outward
+
+
+@triton.jit
+def _alive_threshold(a_z, valid, lo, hi, K, MAXIT):
+    """Root of ``sum clip(z - t, 0, 1) = K`` over the valid alive scores, in [lo, hi]."""
+    lo, hi = _outward(lo, hi)
+    t = lo
+    zero = (K * 0).to(tl.int32)
+    prev_s, prev_n = zero - 1, zero - 1
+    newton = zero != 0
+    it = zero
+    go = zero == 0
+    while go:
+        t1 = t + 1.0
+        m_sat = valid & (a_z >= t1)
+        m_mid = valid & (a_z > t) & (a_z < t1)
+        n_sat = tl.sum(m_sat.to(tl.int32), axis=0)
+        n_mid = tl.sum(m_mid.to(tl.int32), axis=0)
+        d_mid = tl.sum(tl.where(m_mid, a_z - t, 0.0), axis=0)
+        f = n_sat.to(tl.float64) + d_mid.to(tl.float64)
+        done = (newton & (n_sat == prev_s) & (n_mid == prev_n)) | (f == K) | (it >= MAXIT)
+        t_next, lo, hi, newton, settled = _newton_step(t, f, n_mid, lo, hi, K)
+        done = done | settled | (t_next <= lo) | (t_next >= hi)
+        prev_s, prev_n = n_sat, n_mid
+        t = tl.where(done, t, t_next)
+        it += 1
+        go = done == 0
+    return t
+
+
+@triton.jit
+def sparsek_causal_scan_kernel(
+    u_ptr, rank_ptr, tau_ptr, rk_ptr, cnt_ptr, flag_ptr,
+    S, K, W, MAXIT,
+    BM: tl.constexpr, CAP: tl.constexpr, CH: tl.constexpr,
+):
+    """tau, rk and cnt [BH, S] of every query of one row; flag [BH] = 1 if the alive set
+    overflowed its CAP slots (the row's outputs are then not to be used).
+
+    Query i (block b = i // BM, base ``[0, P]`` with P = b * BM - W) selects the top K of
+    ``[0, i - W]``: ``rk`` is the global rank of the K-th of them and ``cnt`` how many come
+    from the block's list, i.e. K less the selected extras ``(P, i - W]``. A query with at
+    most K candidates keeps them all: tau = -inf, rk = S, cnt = the list's length.
+    """
+    i_bh = tl.program_id(0)
+    row = i_bh.to(tl.int64) * S
+    o = tl.arange(0, CAP)
+    o_ch = tl.arange(0, CH)
+    a_z = tl.zeros([CAP], tl.float32)
+    a_r = tl.zeros([CAP], tl.int32) - 1  # global sort rank; -1 marks a free slot
+    a_p = tl.zeros([CAP], tl.int32)  # position
+    tau = tl.sum(tl.zeros([CH], tl.float32), axis=0) + float("-inf")
+    izero = tl.sum(tl.zeros([CH], tl.int32), axis=0)
+    rk = izero + S
+    sel = izero  # selected extras of the current block
+    over = izero
+    n_w = tl.minimum(W, S)
+    for q0 in range(0, n_w, CH):  # queries with no candidate at all
+        q = q0 + o_ch
+        m_q = q < n_w
+        tl.store(tau_ptr + row + q, tl.zeros([CH], tl.float32) + float("-inf"), mask=m_q)
+        tl.store(rk_ptr + row + q, tl.zeros([CH], tl.int32) + S, mask=m_q)
+        tl.store(cnt_ptr + row + q, tl.zeros([CH], tl.int32), mask=m_q)
+    n_pos = S - n_w
+    for c0 in range(0, n_pos, CH):  # position p = c0 + k is the last candidate of i = p + W
+        p_c = c0 + o_ch
+        m_c = p_c < n_pos
+        u_c = tl.load(u_ptr + row + p_c, mask=m_c, other=0.0)
+        r_c = tl.load(rank_ptr + row + p_c, mask=m_c, other=0)
+        o_tau = tl.zeros([CH], tl.float32)
+        o_rk = tl.zeros([CH], tl.int32)
+        o_cnt = tl.zeros([CH], tl.int32)
+        for k in range(0, tl.minimum(CH, n_pos - c0)):
+            p = c0 + k
+            u_p = tl.sum(tl.where(o_ch == k, u_c, 0.0), axis=0)
+            r_p = tl.sum(tl.where(o_ch == k, r_c, 0), axis=0)
+            i = p + W
+            base_end = (i // BM) * BM - W  # P of the query's block
+            sel = tl.where(i % BM == 0, 0, sel)
+            n = p + 1
+            if (n <= K + 1) | (u_p > tau):  # the new score is alive
+                free = (a_r < 0).to(tl.int32)
+                slot = tl.argmax(free, axis=0)
+                hit = (o == slot) & (tl.max(free, axis=0) > 0)
+                over = over | (tl.max(free, axis=0) == 0).to(tl.int32)
+                a_z = tl.where(hit, u_p, a_z)
+                a_r = tl.where(hit, r_p, a_r)
+                a_p = tl.where(hit, p, a_p)
+                if n > K:
+                    valid = a_r >= 0
+                    if n == K + 1:  # the first query with more than K candidates
+                        r_max = tl.max(tl.where(valid, a_r, -1), axis=0)
+                        rk = tl.max(tl.where(valid & (a_r < r_max), a_r, -1), axis=0)
+                        m_x = valid & (a_r <= rk) & (a_p > base_end)
+                        sel = tl.sum(m_x.to(tl.int32), axis=0)
+                    elif r_p < rk:  # it enters the top K and the K-th best leaves
+                        p_out = tl.max(tl.where(a_r == rk, a_p, -1), axis=0)
+                        sel += (p > base_end).to(tl.int32) - (p_out > base_end).to(tl.int32)
+                        rk = tl.max(tl.where(valid & (a_r < rk), a_r, -1), axis=0)
+                    z_k = tl.max(tl.where(a_r == rk, a_z, float("-inf")), axis=0)
+                    tau = _alive_threshold(a_z, valid, tl.maximum(z_k - 1.0, tau), z_k, K,
+                                           MAXIT)
+                    # Scores at or below tau are out for good; the top K never are.
+                    a_r = tl.where(valid & ((a_z > tau) | (a_r <= rk)), a_r, -1)
+            big = n > K
+            n_g = tl.minimum(tl.maximum(base_end + 1, 0), K)
+            at_k = o_ch == k
+            o_tau = tl.where(at_k, tl.where(big, tau, float("-inf")), o_tau)
+            o_rk = tl.where(at_k, tl.where(big, rk, S), o_rk)
+            o_cnt = tl.where(at_k, tl.where(big, K - sel, n_g), o_cnt)
+        q = p_c + W
+        tl.store(tau_ptr + row + q, o_tau, mask=m_c)
+        tl.store(rk_ptr + row + q, o_rk, mask=m_c)
+        tl.store(cnt_ptr + row + q, o_cnt, mask=m_c)
+    tl.store(flag_ptr + i_bh, over)
