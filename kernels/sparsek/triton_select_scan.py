@@ -7,8 +7,12 @@ one candidate per query. Two facts make that walk cheap:
   nothing now and never will again. Only the *alive* scores (``z > tau``) matter, and a
   new score that is not alive changes neither tau nor the cut.
 - A new alive score raises ``f(t) = sum clip(z - t, 0, 1)`` by at most 1, so the new root
-  lies just above the old one and the safeguarded Newton iteration of ``triton_select``
-  lands on it in one or two passes over the alive set, which stays in registers.
+  lies just above the old one, most often on the same linear piece. The scan keeps that
+  piece as scalars (``f(t) = A + D - M (t - t_ref)``: A saturated scores, M in the middle,
+  D their sum above t_ref) with its two ends: the lowest alive score, which drops out when
+  t reaches it, and the lowest saturated one, which enters the middle when t + 1 does.
+  A new score updates the piece in O(1); only crossing an end needs a pass (a count and a
+  minimum) over the alive set, which stays in registers.
 
 The top K are always alive (their scores are at least z_K > tau), so the cut (the global
 rank of the K-th best candidate) moves by one masked maximum when a new score enters them,
@@ -57,6 +61,73 @@ def _alive_threshold(a_z, valid, lo, hi, K, MAXIT):
 
 
 @triton.jit
+def _lowest_above(a_z, valid, z):
+    """(#{valid scores == z}, the lowest valid score above z or +inf)."""
+    n_at = tl.sum((valid & (a_z == z)).to(tl.int32), axis=0)
+    nxt = tl.min(tl.where(valid & (a_z > z), a_z, float("inf")), axis=0)
+    return n_at, nxt
+
+
+@triton.jit
+def _piece_at(a_z, valid, t):
+    """The linear piece of f at t: (A, M, D, lowest alive, lowest saturated)."""
+    m_sat = valid & (a_z - 1.0 >= t)
+    m_mid = valid & (a_z > t) & (m_sat == 0)
+    n_sat = tl.sum(m_sat.to(tl.int32), axis=0)
+    n_mid = tl.sum(m_mid.to(tl.int32), axis=0)
+    d_mid = tl.sum(tl.where(m_mid, a_z.to(tl.float64) - t.to(tl.float64), 0.0), axis=0)
+    b_lo = tl.min(tl.where(valid & (a_z > t), a_z, float("inf")), axis=0)
+    s_lo = tl.min(tl.where(m_sat, a_z, float("inf")), axis=0)
+    return n_sat, n_mid, d_mid, b_lo, s_lo
+
+
+@triton.jit
+def _walk_pieces(a_z, valid, tau, t_ref, n_sat, n_mid, d_mid, b_lo, s_lo, K, MAXIT):
+    """The largest root of f at or above tau, walking the pieces from the current one.
+
+    Returns (root, A, M, D, lowest alive, lowest saturated, ok); ``ok`` is false only if
+    MAXIT ends were crossed, which random scores never come near.
+    """
+    t = tau  # the start of the current piece
+    it = (K * 0).to(tl.int32)
+    go = it == 0
+    while go:
+        b_hi = s_lo - 1.0
+        excess = n_sat.to(tl.float64) + d_mid - K
+        t_lin = t_ref.to(tl.float64) + excess / tl.maximum(n_mid, 1).to(tl.float64)
+        # On a flat piece (no middle scores) f is the integer A: the root is the piece's
+        # far end when A = K (the largest root), its start when A < K.
+        t_flat = tl.where(excess > 0, float("inf"), tl.where(excess == 0, b_hi, t))
+        t_root = tl.where(n_mid > 0, t_lin.to(tl.float32), t_flat)
+        # A root at the lowest alive score drops it (z > t keeps a score alive); one at the
+        # lowest saturated score's end keeps it saturated (z - 1 >= t). Every comparison of
+        # a score with t + 1 is written ``z - 1 >= t``, so a score tied with one that
+        # already entered the middle is classified the same way.
+        found = (t_root < b_lo) & (t_root <= b_hi)
+        drop = (found == 0) & (b_lo <= b_hi)  # the lowest alive score leaves the middle
+        enter = (found == 0) & (b_lo > b_hi)  # the lowest saturated one enters it
+        if found:
+            t = tl.maximum(t_root, tau)
+        if drop:
+            n_at, nxt = _lowest_above(a_z, valid, b_lo)
+            n_mid -= n_at
+            d_mid -= n_at.to(tl.float64) * (b_lo.to(tl.float64) - t_ref.to(tl.float64))
+            t = b_lo
+            b_lo = nxt
+        if enter:
+            n_at, nxt = _lowest_above(a_z, valid, s_lo)
+            n_sat -= n_at
+            n_mid += n_at
+            d_mid += n_at.to(tl.float64) * (s_lo.to(tl.float64) - t_ref.to(tl.float64))
+            t = b_hi
+            s_lo = nxt
+        d_mid = tl.where(n_mid > 0, d_mid, 0.0)  # exactly 0, not a rounding residue
+        it += 1
+        go = (found == 0) & (it < MAXIT)
+    return t, n_sat, n_mid, d_mid, b_lo, s_lo, it < MAXIT
+
+
+@triton.jit
 def sparsek_causal_scan_kernel(
     u_ptr, rank_ptr, tau_ptr, rk_ptr, cnt_ptr, flag_ptr,
     S, K, W, MAXIT,
@@ -75,13 +146,21 @@ def sparsek_causal_scan_kernel(
     o = tl.arange(0, CAP)
     o_ch = tl.arange(0, CH)
     a_z = tl.zeros([CAP], tl.float32)
-    a_r = tl.zeros([CAP], tl.int32) - 1  # global sort rank; -1 marks a free slot
+    a_r = tl.zeros([CAP], tl.int32) - 1  # global sort rank; -1 marks a never-used slot
     a_p = tl.zeros([CAP], tl.int32)  # position
-    tau = tl.sum(tl.zeros([CH], tl.float32), axis=0) + float("-inf")
+    fzero = tl.sum(tl.zeros([CH], tl.float32), axis=0)
     izero = tl.sum(tl.zeros([CH], tl.int32), axis=0)
+    tau = fzero + float("-inf")
     rk = izero + S
     sel = izero  # selected extras of the current block
     over = izero
+    # The current piece of f (see the module's docstring).
+    t_ref = fzero
+    n_sat = izero
+    n_mid = izero
+    d_mid = fzero.to(tl.float64)
+    b_lo = fzero
+    s_lo = fzero
     n_w = tl.minimum(W, S)
     for q0 in range(0, n_w, CH):  # queries with no candidate at all
         q = q0 + o_ch
@@ -107,29 +186,40 @@ def sparsek_causal_scan_kernel(
             sel = tl.where(i % BM == 0, 0, sel)
             n = p + 1
             if (n <= K + 1) | (u_p > tau):  # the new score is alive
-                free = (a_r < 0).to(tl.int32)
+                # A slot never used, or one whose score fell to tau (never the top K).
+                free = ((a_r < 0) | ((a_z <= tau) & (a_r > rk))).to(tl.int32)
                 slot = tl.argmax(free, axis=0)
-                hit = (o == slot) & (tl.max(free, axis=0) > 0)
-                over = over | (tl.max(free, axis=0) == 0).to(tl.int32)
+                has_free = tl.max(free, axis=0) > 0
+                over = over | (has_free == 0).to(tl.int32)
+                hit = (o == slot) & has_free
                 a_z = tl.where(hit, u_p, a_z)
                 a_r = tl.where(hit, r_p, a_r)
                 a_p = tl.where(hit, p, a_p)
-                if n > K:
-                    valid = a_r >= 0
-                    if n == K + 1:  # the first query with more than K candidates
-                        r_max = tl.max(tl.where(valid, a_r, -1), axis=0)
-                        rk = tl.max(tl.where(valid & (a_r < r_max), a_r, -1), axis=0)
-                        m_x = valid & (a_r <= rk) & (a_p > base_end)
-                        sel = tl.sum(m_x.to(tl.int32), axis=0)
-                    elif r_p < rk:  # it enters the top K and the K-th best leaves
+                valid = a_r >= 0
+                if n == K + 1:  # the first query with more than K candidates
+                    r_max = tl.max(tl.where(valid, a_r, -1), axis=0)
+                    rk = tl.max(tl.where(valid & (a_r < r_max), a_r, -1), axis=0)
+                    m_x = valid & (a_r <= rk) & (a_p > base_end)
+                    sel = tl.sum(m_x.to(tl.int32), axis=0)
+                    z_k = tl.max(tl.where(a_r == rk, a_z, float("-inf")), axis=0)
+                    tau = _alive_threshold(a_z, valid, z_k - 1.0, z_k, K, MAXIT)
+                    t_ref = tau
+                    n_sat, n_mid, d_mid, b_lo, s_lo = _piece_at(a_z, valid, tau)
+                elif n > K + 1:
+                    if r_p < rk:  # it enters the top K and the K-th best leaves
                         p_out = tl.max(tl.where(a_r == rk, a_p, -1), axis=0)
                         sel += (p > base_end).to(tl.int32) - (p_out > base_end).to(tl.int32)
                         rk = tl.max(tl.where(valid & (a_r < rk), a_r, -1), axis=0)
-                    z_k = tl.max(tl.where(a_r == rk, a_z, float("-inf")), axis=0)
-                    tau = _alive_threshold(a_z, valid, tl.maximum(z_k - 1.0, tau), z_k, K,
-                                           MAXIT)
-                    # Scores at or below tau are out for good; the top K never are.
-                    a_r = tl.where(valid & ((a_z > tau) | (a_r <= rk)), a_r, -1)
+                    sat = u_p - 1.0 >= tau
+                    n_sat += sat.to(tl.int32)
+                    n_mid += (sat == 0).to(tl.int32)
+                    d_mid += tl.where(sat, 0.0, u_p.to(tl.float64) - t_ref.to(tl.float64))
+                    s_lo = tl.where(sat, tl.minimum(s_lo, u_p), s_lo)
+                    b_lo = tl.minimum(b_lo, u_p)
+                    live = valid & (a_z > tau)
+                    tau, n_sat, n_mid, d_mid, b_lo, s_lo, ok = _walk_pieces(
+                        a_z, live, tau, t_ref, n_sat, n_mid, d_mid, b_lo, s_lo, K, MAXIT)
+                    over = over | (ok == 0).to(tl.int32)
             big = n > K
             n_g = tl.minimum(tl.maximum(base_end + 1, 0), K)
             at_k = o_ch == k

@@ -71,17 +71,46 @@ def test_ties_and_dense_limits(make_inputs, causal):
     assert rel(o, want) < 1e-5
 
 
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("pattern", ["increasing", "decreasing", "constant", "ties"])
-def test_selection_matches_the_mask(seed, pattern, causal):
+# The causal selection's two paths: the per-row scan (forced even for few rows) and the
+# per-query kernels (scan off).
+PATHS = [(False, "per-block"), (True, "scan"), (True, "per-query")]
+
+
+def _force_path(monkeypatch, path: str) -> None:
+    from sparsek import triton_fwd
+
+    if path == "scan":
+        monkeypatch.setattr(triton_fwd, "SCAN_MIN_ROWS", 1)
+    elif path == "per-query":
+        monkeypatch.setattr(triton_fwd, "SCAN_SLOTS", 0)
+
+
+@pytest.mark.parametrize(("B", "Hq", "Hkv", "S", "D", "K", "W", "causal", "dtype"), [
+    (2, 8, 2, 1000, 128, 100, 33, True, BF16),
+    (2, 4, 2, 4096, 128, 256, 256, True, BF16),
+    (1, 2, 1, 777, 64, 200, 0, True, F16),
+])
+def test_forward_through_the_scan_matches_reference(make_inputs, monkeypatch, B, Hq, Hkv, S,
+                                                    D, K, W, causal, dtype):
+    _force_path(monkeypatch, "scan")
+    x = make_inputs(batch=B, q_heads=Hq, kv_heads=Hkv, seq_len=S, dim=D, dtype=dtype,
+                    device="cuda")
+    check_against_reference(x, dtype, kv_budget=K, window=W, causal=causal, scale=None)
+
+
+@pytest.mark.parametrize(("causal", "path"), PATHS)
+@pytest.mark.parametrize("pattern", ["increasing", "decreasing", "constant", "ties", "random"])
+def test_selection_matches_the_mask(seed, monkeypatch, pattern, causal, path):
     from sparsek.triton_fwd import default_config, select
 
+    _force_path(monkeypatch, path)
     S, K, W = 1500, 97, 40
     g = torch.Generator().manual_seed(seed)
     u = {"increasing": torch.arange(S).float() * 0.01,
          "decreasing": -torch.arange(S).float() * 0.01,
          "constant": torch.full((S,), 0.7),
-         "ties": torch.randint(0, 5, (S,), generator=g).float() * 0.25}[pattern]
+         "ties": torch.randint(0, 5, (S,), generator=g).float() * 0.25,
+         "random": torch.randn(S, generator=g) * 2}[pattern]
     u = u.expand(1, 2, S).contiguous().cuda()
     q = torch.empty(1, 2, S, 128, device="cuda", dtype=BF16)
     sel = select(u, K, W, causal, default_config(q, 1))
