@@ -25,6 +25,7 @@ SHAPES = {
     "seed": (16, 96, 512, 64, 32, False, 64),
     "gpt4-4k": (16, 96, 4096, 256, 256, True, 128),
     "gpt4-gqa": (4, 8, 4096, 256, 256, True, 32),
+    "gpt4-128": (4, 32, 4096, 256, 256, True, 128),
     "long-64k": (1, 8, 65536, 2048, 512, True, 32),
 }
 
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(SHAPES))
     parser.add_argument("--paths", default="scan,per-query")
-    parser.add_argument("--warps", default="4", help="scan warps to try, comma-separated")
+    parser.add_argument("--warps", default="auto",
+                        help="scan warps to try, comma-separated (auto: the forward's choice)")
     parser.add_argument("--reps", type=int, default=20)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 triton_fwd.SCAN_SLOTS = 0 if path == "per-query" else slots
                 triton_fwd.SCAN_MIN_ROWS = 1
                 if warps != "-":
-                    triton_fwd.SCAN_WARPS = int(warps)
+                    triton_fwd.SCAN_WARPS = None if warps == "auto" else int(warps)
                 got = triton_fwd.select(u, budget, window, causal, cfg)
                 same = (torch.equal(got.rk, want.rk) and torch.equal(got.cnt, want.cnt)
                         and float((got.tau - want.tau).nan_to_num(0.0, 0.0, 0.0).abs().max())

@@ -39,9 +39,11 @@ SLOTS = 32
 SCAN_SLOTS = 1024
 # The scan walks each row in order, one program per row: it pays where there are enough
 # rows to fill the GPU, and a long row alone would be one long serial chain.
-SCAN_MIN_ROWS = 32
+SCAN_MIN_ROWS = 128
 SCAN_MAX_LEN = 16384
-SCAN_WARPS = 4
+# Warps per scan program; None: one warp where rows fill the GPU several times over (its
+# reductions then need no barrier), four for fewer, longer-waited rows.
+SCAN_WARPS: int | None = None
 
 
 @dataclass(frozen=True)
@@ -127,8 +129,9 @@ def _select_causal(scores, z, sp, rank, budget, window, cfg) -> Selection:
     flag = torch.zeros(bh, dtype=torch.int32, device=dev)
     if scan:
         sparsek_causal_scan_kernel[(bh,)](
-            scores, rank, tau, rk, cnt, flag, seq_len, budget, window, MAX_NEWTON,
-            BM=cfg.block_m, CAP=SCAN_SLOTS, CH=32, num_warps=SCAN_WARPS)
+            scores, z, sp, rank, tau, rk, cnt, flag, seq_len, budget, window, MAX_NEWTON,
+            BM=cfg.block_m, CAP=SCAN_SLOTS, CH=32,
+            num_warps=SCAN_WARPS or (1 if bh >= 512 else 4))
     sparsek_boundary_fwd_kernel[(nbnd, bh)](
         z, sp, lists, bf, bi, flag, seq_len, nbnd, budget, window, MAX_NEWTON,
         BM=cfg.block_m, CH=cfg.chunk, GATED=scan, num_warps=4)

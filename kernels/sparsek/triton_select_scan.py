@@ -61,10 +61,11 @@ def _alive_threshold(a_z, valid, lo, hi, K, MAXIT):
 
 
 @triton.jit
-def _lowest_above(a_z, valid, z):
-    """(#{valid scores == z}, the lowest valid score above z or +inf)."""
-    n_at = tl.sum((valid & (a_z == z)).to(tl.int32), axis=0)
-    nxt = tl.min(tl.where(valid & (a_z > z), a_z, float("inf")), axis=0)
+def _lowest_above(a_z, z):
+    """(#{slots holding z}, the lowest score above z or +inf), for z above tau: unused
+    slots (-inf) and scores at or below tau never count."""
+    n_at = tl.sum((a_z == z).to(tl.int32), axis=0)
+    nxt = tl.min(tl.where(a_z > z, a_z, float("inf")), axis=0)
     return n_at, nxt
 
 
@@ -82,7 +83,7 @@ def _piece_at(a_z, valid, t):
 
 
 @triton.jit
-def _walk_pieces(a_z, valid, tau, t_ref, n_sat, n_mid, d_mid, b_lo, s_lo, K, MAXIT):
+def _walk_pieces(a_z, tau, t_ref, n_sat, n_mid, d_mid, b_lo, s_lo, K, MAXIT):
     """The largest root of f at or above tau, walking the pieces from the current one.
 
     Returns (root, A, M, D, lowest alive, lowest saturated, ok); ``ok`` is false only if
@@ -109,13 +110,13 @@ def _walk_pieces(a_z, valid, tau, t_ref, n_sat, n_mid, d_mid, b_lo, s_lo, K, MAX
         if found:
             t = tl.maximum(t_root, tau)
         if drop:
-            n_at, nxt = _lowest_above(a_z, valid, b_lo)
+            n_at, nxt = _lowest_above(a_z, b_lo)
             n_mid -= n_at
             d_mid -= n_at.to(tl.float64) * (b_lo.to(tl.float64) - t_ref.to(tl.float64))
             t = b_lo
             b_lo = nxt
         if enter:
-            n_at, nxt = _lowest_above(a_z, valid, s_lo)
+            n_at, nxt = _lowest_above(a_z, s_lo)
             n_sat -= n_at
             n_mid += n_at
             d_mid += n_at.to(tl.float64) * (s_lo.to(tl.float64) - t_ref.to(tl.float64))
@@ -128,8 +129,19 @@ def _walk_pieces(a_z, valid, tau, t_ref, n_sat, n_mid, d_mid, b_lo, s_lo, K, MAX
 
 
 @triton.jit
+def _compact(z_ptr, row, a_z, a_r, tau, rk, CAP: tl.constexpr):
+    """Pack the alive scores (above tau, or among the top K) into the first slots, in
+    rank order; their scores come back from the sort. -> (a_z, a_r, slots in use)."""
+    alive = (a_r >= 0) & ((a_z > tau) | (a_r <= rk))
+    keys = tl.sort(tl.where(alive, a_r, 2147483647), 0)
+    a_r = tl.where(keys < 2147483647, keys, -1)
+    a_z = tl.load(z_ptr + row + a_r, mask=a_r >= 0, other=float("-inf"))
+    return a_z, a_r, tl.sum(alive.to(tl.int32), axis=0)
+
+
+@triton.jit
 def sparsek_causal_scan_kernel(
-    u_ptr, rank_ptr, tau_ptr, rk_ptr, cnt_ptr, flag_ptr,
+    u_ptr, z_ptr, sp_ptr, rank_ptr, tau_ptr, rk_ptr, cnt_ptr, flag_ptr,
     S, K, W, MAXIT,
     BM: tl.constexpr, CAP: tl.constexpr, CH: tl.constexpr,
 ):
@@ -140,16 +152,20 @@ def sparsek_causal_scan_kernel(
     ``[0, i - W]``: ``rk`` is the global rank of the K-th of them and ``cnt`` how many come
     from the block's list, i.e. K less the selected extras ``(P, i - W]``. A query with at
     most K candidates keeps them all: tau = -inf, rk = S, cnt = the list's length.
+
+    Slots are filled in order; a score that falls to tau stays in its slot, where it no
+    longer counts, until the slots run out and ``_compact`` packs the live ones.
     """
     i_bh = tl.program_id(0)
     row = i_bh.to(tl.int64) * S
     o = tl.arange(0, CAP)
     o_ch = tl.arange(0, CH)
-    a_z = tl.zeros([CAP], tl.float32)
-    a_r = tl.zeros([CAP], tl.int32) - 1  # global sort rank; -1 marks a never-used slot
-    a_p = tl.zeros([CAP], tl.int32)  # position
+    o_bm = tl.arange(0, BM)
+    a_z = tl.zeros([CAP], tl.float32) + float("-inf")  # scores; -inf in unused slots
+    a_r = tl.zeros([CAP], tl.int32) - 1  # global sort ranks; -1 in unused slots
     fzero = tl.sum(tl.zeros([CH], tl.float32), axis=0)
     izero = tl.sum(tl.zeros([CH], tl.int32), axis=0)
+    n_used = izero
     tau = fzero + float("-inf")
     rk = izero + S
     sel = izero  # selected extras of the current block
@@ -186,39 +202,39 @@ def sparsek_causal_scan_kernel(
             sel = tl.where(i % BM == 0, 0, sel)
             n = p + 1
             if (n <= K + 1) | (u_p > tau):  # the new score is alive
-                # A slot never used, or one whose score fell to tau (never the top K).
-                free = ((a_r < 0) | ((a_z <= tau) & (a_r > rk))).to(tl.int32)
-                slot = tl.argmax(free, axis=0)
-                has_free = tl.max(free, axis=0) > 0
-                over = over | (has_free == 0).to(tl.int32)
-                hit = (o == slot) & has_free
+                if n_used == CAP:
+                    a_z, a_r, n_used = _compact(z_ptr, row, a_z, a_r, tau, rk, CAP)
+                    over = over | (n_used == CAP).to(tl.int32)
+                hit = o == n_used
                 a_z = tl.where(hit, u_p, a_z)
                 a_r = tl.where(hit, r_p, a_r)
-                a_p = tl.where(hit, p, a_p)
-                valid = a_r >= 0
+                n_used = tl.minimum(n_used + 1, CAP)
                 if n == K + 1:  # the first query with more than K candidates
-                    r_max = tl.max(tl.where(valid, a_r, -1), axis=0)
-                    rk = tl.max(tl.where(valid & (a_r < r_max), a_r, -1), axis=0)
-                    m_x = valid & (a_r <= rk) & (a_p > base_end)
-                    sel = tl.sum(m_x.to(tl.int32), axis=0)
+                    valid = a_r >= 0
+                    r_max = tl.max(a_r, axis=0)
+                    rk = tl.max(tl.where(a_r < r_max, a_r, -1), axis=0)
+                    # Its selected extras: positions (P, p] ranked within the top K.
+                    x_pos = base_end + 1 + o_bm
+                    m_x = (x_pos >= 0) & (x_pos <= p)
+                    x_r = tl.load(rank_ptr + row + x_pos, mask=m_x, other=S)
+                    sel = tl.sum((x_r <= rk).to(tl.int32), axis=0)
                     z_k = tl.max(tl.where(a_r == rk, a_z, float("-inf")), axis=0)
                     tau = _alive_threshold(a_z, valid, z_k - 1.0, z_k, K, MAXIT)
                     t_ref = tau
                     n_sat, n_mid, d_mid, b_lo, s_lo = _piece_at(a_z, valid, tau)
                 elif n > K + 1:
                     if r_p < rk:  # it enters the top K and the K-th best leaves
-                        p_out = tl.max(tl.where(a_r == rk, a_p, -1), axis=0)
+                        p_out = tl.load(sp_ptr + row + rk)
                         sel += (p > base_end).to(tl.int32) - (p_out > base_end).to(tl.int32)
-                        rk = tl.max(tl.where(valid & (a_r < rk), a_r, -1), axis=0)
+                        rk = tl.max(tl.where(a_r < rk, a_r, -1), axis=0)
                     sat = u_p - 1.0 >= tau
                     n_sat += sat.to(tl.int32)
                     n_mid += (sat == 0).to(tl.int32)
                     d_mid += tl.where(sat, 0.0, u_p.to(tl.float64) - t_ref.to(tl.float64))
                     s_lo = tl.where(sat, tl.minimum(s_lo, u_p), s_lo)
                     b_lo = tl.minimum(b_lo, u_p)
-                    live = valid & (a_z > tau)
                     tau, n_sat, n_mid, d_mid, b_lo, s_lo, ok = _walk_pieces(
-                        a_z, live, tau, t_ref, n_sat, n_mid, d_mid, b_lo, s_lo, K, MAXIT)
+                        a_z, tau, t_ref, n_sat, n_mid, d_mid, b_lo, s_lo, K, MAXIT)
                     over = over | (ok == 0).to(tl.int32)
             big = n > K
             n_g = tl.minimum(tl.maximum(base_end + 1, 0), K)

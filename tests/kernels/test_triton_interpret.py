@@ -196,10 +196,10 @@ def test_rows_the_scan_cannot_hold_are_redone_by_the_per_query_kernels(seed, mon
     u = torch.stack([torch.randn(S, generator=gen), torch.full((S,), 0.3),
                      torch.randint(0, 3, (S,), generator=gen).float()]).reshape(3, 1, S)
     scores = u.reshape(3, S).contiguous()
-    _, _, rank = triton_fwd._sort(scores)
+    z, sp, rank = triton_fwd._sort(scores)
     tau, rk, cnt = triton_fwd._per_query(scores)
     flag = torch.zeros(3, dtype=torch.int32)
-    sparsek_causal_scan_kernel[(3,)](scores, rank, tau, rk, cnt, flag, S, K, W, 100, BM=64,
+    sparsek_causal_scan_kernel[(3,)](scores, z, sp, rank, tau, rk, cnt, flag, S, K, W, 100, BM=64,
                                      CAP=32, CH=32)
     assert flag.tolist() == [0, 1, 1]
     cfg = triton_fwd.ForwardConfig(block_m=64, heads=1, block_n=16, chunk=16, num_warps=4,
