@@ -130,21 +130,12 @@ SCORE_PATTERNS = {
 }
 
 
-# Causal selection runs two ways: the per-row scan, or (scan off: no slots) the per-query
-# kernels that also redo any row the scan gives back.
-PATHS = [(False, "per-block"), (True, "scan"), (True, "per-query")]
-
-
-@pytest.mark.parametrize(("causal", "path"), PATHS)
-@pytest.mark.parametrize("pattern", sorted(SCORE_PATTERNS))
-def test_selection_matches_the_mask(seed, monkeypatch, pattern, causal, path):
-    from sparsek import triton_fwd
+def _check_selection(u: torch.Tensor, K: int, W: int, causal: bool) -> None:
+    """select() on scores u [B, 1, S] (blocks of 64) gives exactly the mask's selected
+    sets, and its thresholds within float32 rounding of the float64 ones."""
     from sparsek.triton_fwd import ForwardConfig, select
 
-    if path == "per-query":
-        monkeypatch.setattr(triton_fwd, "SCAN_SLOTS", 0)
-    S, K, W = 100, 9, 4
-    u = SCORE_PATTERNS[pattern](torch.Generator().manual_seed(seed), S).contiguous()
+    S = u.shape[-1]
     cfg = ForwardConfig(block_m=64, heads=1, block_n=16, chunk=16, num_warps=4, num_stages=1)
     sel = select(u, K, W, causal, cfg)
     mask = sparsek_mask(u, kv_budget=K, window=W, causal=causal)
@@ -154,6 +145,22 @@ def test_selection_matches_the_mask(seed, monkeypatch, pattern, causal, path):
     assert torch.equal(torch.isneginf(sel.tau), kept_all)
     scale = u.abs().max().clamp(min=1.0)
     assert float((sel.tau.double() - want)[~kept_all].abs().max()) <= 4e-7 * float(scale)
+
+
+# Causal selection runs two ways: the per-row scan, or (scan off: no slots) the per-query
+# kernels that also redo any row the scan gives back.
+PATHS = [(False, "per-block"), (True, "scan"), (True, "per-query")]
+
+
+@pytest.mark.parametrize(("causal", "path"), PATHS)
+@pytest.mark.parametrize("pattern", sorted(SCORE_PATTERNS))
+def test_selection_matches_the_mask(seed, monkeypatch, pattern, causal, path):
+    from sparsek import triton_fwd
+
+    if path == "per-query":
+        monkeypatch.setattr(triton_fwd, "SCAN_SLOTS", 0)
+    u = SCORE_PATTERNS[pattern](torch.Generator().manual_seed(seed), 100).contiguous()
+    _check_selection(u, 9, 4, causal)
 
 
 def test_custom_op_passes_opcheck(make_inputs):
@@ -171,16 +178,8 @@ def test_causal_selection_when_bending_extras_overflow_the_slots(seed, monkeypat
 
     monkeypatch.setattr(triton_fwd, "SLOTS", slots)
     monkeypatch.setattr(triton_fwd, "SCAN_SLOTS", 0)
-    S, K, W = 257, 20, 8
-    u = torch.randn(2, 1, S, generator=torch.Generator().manual_seed(seed))
-    cfg = triton_fwd.ForwardConfig(block_m=64, heads=1, block_n=16, chunk=16, num_warps=4,
-                                   num_stages=1)
-    sel = triton_fwd.select(u, K, W, True, cfg)
-    mask = sparsek_mask(u, kv_budget=K, window=W, causal=True)
-    assert torch.equal(_selected(sel, S, K, W, True, 64), mask.selected.reshape(-1, S, S))
-    want = mask.tau.reshape(-1, S)
-    finite = torch.isfinite(want)
-    assert float((sel.tau.double() - want)[finite].abs().max()) <= 1e-6
+    u = torch.randn(2, 1, 257, generator=torch.Generator().manual_seed(seed))
+    _check_selection(u, 20, 8, True)
 
 
 def test_rows_the_scan_cannot_hold_are_redone_by_the_per_query_kernels(seed, monkeypatch):
@@ -199,15 +198,7 @@ def test_rows_the_scan_cannot_hold_are_redone_by_the_per_query_kernels(seed, mon
     z, sp, rank = triton_fwd._sort(scores)
     tau, rk, cnt = triton_fwd._per_query(scores)
     flag = torch.zeros(3, dtype=torch.int32)
-    sparsek_causal_scan_kernel[(3,)](scores, z, sp, rank, tau, rk, cnt, flag, S, K, W, 100, BM=64,
-                                     CAP=32, CH=32)
+    sparsek_causal_scan_kernel[(3,)](scores, z, sp, rank, tau, rk, cnt, flag, S, K, W, 100,
+                                     BM=64, CAP=32, CH=32)
     assert flag.tolist() == [0, 1, 1]
-    cfg = triton_fwd.ForwardConfig(block_m=64, heads=1, block_n=16, chunk=16, num_warps=4,
-                                   num_stages=1)
-    sel = triton_fwd.select(u, K, W, True, cfg)
-    mask = sparsek_mask(u, kv_budget=K, window=W, causal=True)
-    assert torch.equal(_selected(sel, S, K, W, True, 64), mask.selected.reshape(-1, S, S))
-    want = mask.tau.reshape(-1, S)
-    finite = torch.isfinite(want)
-    assert torch.equal(torch.isfinite(sel.tau), finite)
-    assert float((sel.tau.double() - want)[finite].abs().max()) <= 1e-6
+    _check_selection(u, K, W, True)
