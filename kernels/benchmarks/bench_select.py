@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         u = torch.randn(batch, kv_heads, seq_len, device="cuda", generator=gen)
         cfg = triton_fwd.ForwardConfig(block_m=block_m, heads=1, block_n=64, chunk=1024,
                                        num_warps=4, num_stages=2)
-        slots, rows = triton_fwd.SCAN_SLOTS, triton_fwd.SCAN_MIN_ROWS
+        saved = triton_fwd.SCAN_SLOTS, triton_fwd.SCAN_MIN_ROWS, triton_fwd.SCAN_WARPS
+        slots = saved[0]
         triton_fwd.SCAN_SLOTS = 0
         want = triton_fwd.select(u, budget, window, causal, cfg)
         for path in args.paths.split(","):
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 ms = time_select(u, budget, window, causal, cfg, args.reps)
                 print(f"{name:10} {path:10} {warps:>5} {ms:10.3f} {str(same):>18}",
                       flush=True)
-        triton_fwd.SCAN_SLOTS, triton_fwd.SCAN_MIN_ROWS = slots, rows
+        triton_fwd.SCAN_SLOTS, triton_fwd.SCAN_MIN_ROWS, triton_fwd.SCAN_WARPS = saved
     return 0
 
 
