@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from sparsek_remote import artifacts, workflow
+from sparsek_remote import artifacts, remote, workflow
 from sparsek_remote.errors import RemoteError
 from sparsek_remote.jobspec import parse_job
 from sparsek_remote.settings import Settings
+from sparsek_remote.workflow import preflight
 from tests.integration import docker_fixtures
 from tests.integration.docker_fixtures import LoopbackSshd, ScratchDaemon
 from tests.integration.test_images_build import TINY_JOB
@@ -160,6 +161,25 @@ def test_a_host_without_docker_fails_alone(fresh, settings: Settings, tree: Path
     error = outcome.error()
     assert isinstance(error, RemoteError)
     assert "broken" in error.message and "ready: fresh" in error.message
+
+
+def test_deploy_and_run_tell_the_kind_of_an_auto_host_alike(fresh, settings: Settings,
+                                                            tmp_path: Path) -> None:
+    """deploy's whole probe and the part a run asks, over SSH: a host whose Docker does
+    not answer is bare for both, and the fresh host is the same kind for both."""
+    broken = LoopbackSshd(tmp_path / "broken", "unix:///nonexistent/docker.sock").start()
+    options = remote.ConnectOptions(known_hosts=tmp_path / "known_hosts")
+    try:
+        kinds = {}
+        for alias, host in (("fresh", settings.hosts["fresh"]),
+                            ("broken", broken.host_settings())):
+            with remote.Connection(alias, host, options) as conn:
+                kinds[alias] = (preflight.probe(conn, host.remote_dir).auto_kind(),
+                                preflight.probe_kind(conn))
+    finally:
+        broken.stop()
+    assert kinds["broken"] == ("bare", "bare")
+    assert kinds["fresh"][0] == kinds["fresh"][1]
 
 
 def _shell_words(argv: list[str]) -> str:

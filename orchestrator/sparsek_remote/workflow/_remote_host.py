@@ -31,6 +31,7 @@ from sparsek_remote.errors import (
 from sparsek_remote.jobspec import JobSpec
 from sparsek_remote.schema import Results
 from sparsek_remote.settings import Settings
+from sparsek_remote.workflow import preflight
 
 EventSink = Callable[[dict[str, Any]], None]
 # (host alias, absolute run folder on the host) -> how to start the runner in the image.
@@ -261,7 +262,7 @@ def _runner_for(ctx: RunContext, conn: remote.Connection, alias: str,
                 job: remote.RemoteJob) -> remote.RunnerCommand:
     kind = conn.host.kind
     if kind == "auto":
-        kind = "docker" if ctx.docker_runner is not None and _has_docker(conn) else "bare"
+        kind = preflight.probe_kind(conn)
     ctx.book.set_kind(alias, kind)
     if kind == "docker":
         if ctx.docker_runner is None:
@@ -275,11 +276,6 @@ def _runner_for(ctx: RunContext, conn: remote.Connection, alias: str,
     ctx.stage(alias, "installing")
     env = remote.install(conn, job.remote_dir, ctx.wheels())
     return remote.RunnerCommand(python=env.python)
-
-
-def _has_docker(conn: remote.Connection) -> bool:
-    return conn.run(["docker", "version", "--format", "{{.Server.Version}}"],
-                    what="asking for Docker", check=False).ok
 
 
 def _runner_argv(ctx: RunContext, alias: str, runner: remote.RunnerCommand,

@@ -101,7 +101,9 @@ def docker_runner(settings: Settings) -> Callable[[str, str], remote.RunnerComma
         deployment = load_deployment(settings.state_dir, alias)
         if deployment is None:
             raise RemoteError(f"host {alias!r} is a docker host with no image deployed",
-                              hint="run `sparsek-remote deploy` first")
+                              hint="run `sparsek-remote deploy` first, or set "
+                                   f"SPARSEK_HOSTS__{alias.upper()}__KIND=bare to run "
+                                   "from the project's wheels instead")
         return deployment.runner(run_dir)
 
     return runner_for

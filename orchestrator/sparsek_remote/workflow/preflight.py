@@ -3,7 +3,9 @@ runtime, free disk, and whether Nsight Compute may read the GPU's counters.
 
 The probe is a fixed script (it holds no value; the remote folder reaches it as
 ``$1``) whose lines are ``key value``; what it prints is read tolerantly, so a host
-missing a tool simply reports it absent.
+missing a tool simply reports it absent. A run on an ``auto`` host asks only the part
+that decides its kind (``probe_kind``), read by the same parser and the same rule as
+deploy's, so both always agree on what the host is.
 """
 
 from __future__ import annotations
@@ -18,10 +20,9 @@ from sparsek_remote import remote
 MIN_DRIVER_MAJOR = 580
 HostKind = Literal["docker", "bare"]
 
-PROBE = r"""
-dir="$HOME/$1"
-mkdir -p "$dir" 2>/dev/null
-echo "user $(id -u) $(id -g)"
+# The part of the probe that decides an ``auto`` host's kind: its GPUs, whether Docker
+# answers, and whether Docker has the NVIDIA runtime.
+KIND_PROBE = r"""
 if command -v nvidia-smi >/dev/null 2>&1; then
   nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader 2>&1 \
     | sed 's/^/gpu /'
@@ -34,6 +35,13 @@ else
   echo "docker-error $(printf %s "$out" | tail -n 1)"
 fi
 command -v nvidia-container-cli >/dev/null 2>&1 && echo "nvidia-toolkit yes"
+"""
+
+PROBE = r"""
+dir="$HOME/$1"
+mkdir -p "$dir" 2>/dev/null
+echo "user $(id -u) $(id -g)"
+""" + KIND_PROBE + r"""
 echo "disk $(df -Pk "$dir" 2>/dev/null | tail -n 1 | awk '{print $4}')"
 echo "ncu $(command -v ncu 2>/dev/null || echo none)"
 echo "profiling $(grep -s RmProfilingAdminOnly /proc/driver/nvidia/params | awk '{print $2}')"
@@ -113,6 +121,14 @@ def probe(conn: remote.Connection, remote_dir: str, limit_s: float = 60.0) -> Pr
     result = conn.run(remote.sh_argv(PROBE, remote_dir), what="probing the host",
                       limit=limit_s, check=False)
     return parse(result.text)
+
+
+def probe_kind(conn: remote.Connection, limit_s: float = 60.0) -> HostKind:
+    """What an ``auto`` host is: ``auto_kind`` of the part of the probe it reads, so a
+    run starts the runner where deploy put it."""
+    result = conn.run(remote.sh_argv(KIND_PROBE), what="finding out whether it is a docker "
+                      "or a bare host", limit=limit_s, check=False)
+    return parse(result.text).auto_kind()
 
 
 def parse(text: str) -> Preflight:
