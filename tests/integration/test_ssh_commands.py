@@ -1,6 +1,7 @@
 """The SSH layer on its own, against a real sshd: values reach the remote command
-unchanged whatever they hold, bytes travel both ways intact, and the key passphrase
-path (right, wrong, missing) ends where it should."""
+unchanged whatever they hold, bytes travel both ways intact, a local source that fails
+mid-stream ends the remote command with its own error, and the key passphrase path
+(right, wrong, missing) ends where it should."""
 
 from __future__ import annotations
 
@@ -59,6 +60,35 @@ def test_bytes_travel_both_ways_intact(hosts, tmp_path) -> None:
     with tarfile.open(fileobj=sink, mode="r:gz") as tar:
         member = tar.extractfile("./blob.bin")
         assert member is not None and member.read() == payload
+
+
+class _SourceBroke(Exception):
+    pass
+
+
+def test_a_failing_source_ends_the_remote_command_with_its_own_error(hosts, tmp_path) -> None:
+    """The command reads until its input ends: it must get that end, not wait out the
+    limit, and the caller must see the source's error, not an SSH one."""
+    alpha = hosts["alpha"]
+    sent = b"y" * 100_000
+
+    class Source:
+        def __init__(self) -> None:
+            self.left = sent
+
+        def read(self, size: int) -> bytes:
+            if not self.left:
+                raise _SourceBroke("the archive could not be built")
+            chunk, self.left = self.left[:size], self.left[size:]
+            return chunk
+
+    with connect(alpha, tmp_path) as conn:
+        target = f"{conn.home()}/{alpha.remote_dir}/transfer/cut.bin"
+        script = remote.sh_argv('mkdir -p "$(dirname "$1")" && cat > "$1"', target)
+        with pytest.raises(_SourceBroke, match="could not be built"):
+            conn.stream_in(script, Source(), what="sending", limit=30)  # type: ignore[arg-type]
+        assert conn.run(["true"], what="a no-op").ok  # the connection is still usable
+    assert (alpha.remote_path / "transfer" / "cut.bin").read_bytes() == sent
 
 
 def test_the_passphrase_path_right_wrong_and_missing(hosts, tmp_path) -> None:

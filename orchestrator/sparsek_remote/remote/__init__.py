@@ -40,7 +40,6 @@ from sparsek_remote.remote.transfer import (
     download_tar,
     upload_bytes,
     upload_files,
-    upload_stream,
 )
 
 __all__ = [
@@ -79,6 +78,5 @@ __all__ = [
     "status",
     "upload_bytes",
     "upload_files",
-    "upload_stream",
     "wheels_tag",
 ]

@@ -84,22 +84,37 @@ class BytesSource:
 
 
 class Feeder(threading.Thread):
-    """Writes a source into the channel's stdin, then closes it."""
+    """Writes a source into the channel's stdin, then closes it. What reading the
+    source raised is kept in ``source_error``, what writing raised in ``error``, for
+    ``Connection`` to raise in the caller's thread."""
 
     def __init__(self, channel: paramiko.Channel, source: BinaryIO | BytesSource,
                  dog: Watchdog) -> None:
         super().__init__(daemon=True)
         self.channel, self.source, self.dog = channel, source, dog
         self.error: BaseException | None = None
+        self.source_error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            while chunk := self.source.read(CHUNK_BYTES):
+            while chunk := self._read():
                 self.channel.sendall(chunk)
                 self.dog.kick()
-            self.channel.shutdown_write()
-        except BaseException as exc:  # re-raised in the caller's thread
+        except BaseException as exc:
             self.error = exc
+        finally:
+            # EOF after a failure too: the remote command would wait for more forever.
+            try:
+                self.channel.shutdown_write()
+            except BaseException as exc:
+                self.error = self.error or exc
+
+    def _read(self) -> bytes:
+        try:
+            return self.source.read(CHUNK_BYTES)
+        except BaseException as exc:
+            self.source_error = exc
+            return b""
 
     def raise_if_failed(self) -> None:
         if self.error is not None:

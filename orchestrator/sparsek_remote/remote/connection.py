@@ -253,8 +253,13 @@ class Connection:
                 raise TimeoutError()
             if feeder is not None:
                 feeder.join()
-                if exit_code == 0:  # else the command's own failure tells the story
+                # Else the command's own failure, or the source's, tells the story.
+                if exit_code == 0 and feeder.source_error is None:
                     feeder.raise_if_failed()
+        if feeder is not None and feeder.source_error is not None:
+            # As it was raised: a failure on this side, not an SSH one; the command's
+            # failure on a cut-short input is only its consequence.
+            raise feeder.source_error
         return CommandResult(self.alias, shown(argv), exit_code, b"",
                              stderr.decode("utf-8", errors="replace"))
 

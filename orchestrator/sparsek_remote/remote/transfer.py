@@ -27,12 +27,6 @@ def upload_bytes(conn: Connection, data: bytes, remote_path: str, *, what: str) 
     conn.run(sh_argv(_WRITE_FILE, remote_path), stdin=data, what=what)
 
 
-def upload_stream(conn: Connection, source: BinaryIO, remote_path: str, *, what: str,
-                  limit: float | None = None) -> None:
-    """Like ``upload_bytes``, reading ``source`` chunk by chunk."""
-    conn.stream_in(sh_argv(_WRITE_FILE, remote_path), source, what=what, limit=limit)
-
-
 def upload_files(conn: Connection, files: Sequence[Path], remote_dir: str, *, what: str,
                  limit: float | None = None) -> None:
     """Send local files (by their base names) into ``remote_dir`` as one tar stream."""

@@ -213,8 +213,6 @@ def _ship(shared: _Shared, conn: remote.Connection, alias: str) -> ShipResult:
         {"event": "ship", "host": alias, "bytes": n}))
     loaded = conn.stream_in(list(images.LOAD_ARGV), source, what="loading the image",
                             check=False)
-    if source.error is not None:
-        raise source.error
     if not loaded.ok:
         raise conn.failure("loading the image (docker load)", loaded)
     stats = archive.stats
@@ -239,26 +237,20 @@ def _verify(shared: _Shared, conn: remote.Connection) -> str:
 
 
 class _ArchiveSource:
-    """``read(size)`` over the archive's chunks, for the SSH channel's feeder. A failure
-    on this side ends the stream at once (so the host's ``docker load`` stops instead
-    of waiting) and is kept in ``error`` for the caller."""
+    """``read(size)`` over the archive's chunks, for the SSH channel's feeder. A chunk
+    that cannot be built ends the host's ``docker load`` there, and ``stream_in``
+    raises its error."""
 
     def __init__(self, chunks: images.PartialArchive, on_bytes: Callable[[int], None]) -> None:
         self._chunks = iter(chunks)
         self._view = memoryview(b"")
         self._on_bytes = on_bytes
-        self.error: BaseException | None = None
 
     def read(self, size: int) -> bytes:
-        if self.error is not None:
-            return b""
         try:
             while not self._view:
                 self._view = memoryview(next(self._chunks))
         except StopIteration:
-            return b""
-        except Exception as exc:  # re-raised by the caller once the channel is closed
-            self.error = exc
             return b""
         data = bytes(self._view[:size])
         self._view = self._view[size:]
