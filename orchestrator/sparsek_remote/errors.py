@@ -7,6 +7,7 @@ boundary each: paramiko's and fabric's in ``remote``, docker's in ``images``.
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 
 
@@ -28,6 +29,15 @@ class SparsekRemoteError(Exception):
         if self.hint:
             return f"{self.message}\n  hint: {self.hint}"
         return self.message
+
+
+def host_internal_error(alias: str, exc: BaseException) -> SparsekRemoteError:
+    """An unexpected exception in one host's work, as that host's error (with the trace to
+    report), so a bug on one host never loses the other hosts' outcomes."""
+    trace = "".join(traceback.format_exception(exc, limit=8))
+    return SparsekRemoteError(f"host {alias!r}: internal error: {type(exc).__name__}: {exc}",
+                              hint="this is a bug; please report it with this trace:\n"
+                                   + trace)
 
 
 class ConfigError(SparsekRemoteError):

@@ -13,7 +13,6 @@ import os
 import shutil
 import tempfile
 import threading
-import traceback
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from sparsek_remote.errors import (
     RemoteError,
     RunnerError,
     SparsekRemoteError,
+    host_internal_error,
 )
 from sparsek_remote.jobspec import JobSpec
 from sparsek_remote.schema import Results
@@ -126,10 +126,7 @@ def _guarded(work: Callable[[str], HostOutcome], alias: str) -> HostOutcome:
     except SparsekRemoteError as exc:
         return HostOutcome(alias, "failed", error=exc)
     except Exception as exc:  # a bug on one host must not lose the others' results
-        trace = traceback.format_exc(limit=8)
-        return HostOutcome(alias, "failed", error=SparsekRemoteError(
-            f"host {alias!r}: internal error: {type(exc).__name__}: {exc}",
-            hint="this is a bug; please report it with this trace:\n" + trace))
+        return HostOutcome(alias, "failed", error=host_internal_error(alias, exc))
 
 
 def launch_on_host(ctx: RunContext, alias: str, *, detach: bool) -> HostOutcome:

@@ -17,7 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from sparsek_remote import images, remote
-from sparsek_remote.errors import ImageError, RemoteError, SparsekRemoteError
+from sparsek_remote.errors import (
+    ImageError,
+    RemoteError,
+    SparsekRemoteError,
+    host_internal_error,
+)
 from sparsek_remote.settings import Settings
 from sparsek_remote.workflow import preflight
 from sparsek_remote.workflow._remote_host import known_hosts_path
@@ -153,9 +158,10 @@ def _deploy_host(shared: _Shared, alias: str) -> HostDeployment:
     found: dict[str, Any] = {}
     try:
         _prepare_host(shared, alias, found)
-    except SparsekRemoteError as exc:
-        shared.stage(alias, "failed", exc.message)
-        return HostDeployment(alias, seconds=time.monotonic() - started, error=exc, **found)
+    except Exception as exc:  # a bug on one host must not lose the others' deployments
+        error = exc if isinstance(exc, SparsekRemoteError) else host_internal_error(alias, exc)
+        shared.stage(alias, "failed", error.message)
+        return HostDeployment(alias, seconds=time.monotonic() - started, error=error, **found)
     shared.stage(alias, "ready")
     return HostDeployment(alias, seconds=time.monotonic() - started, **found)
 
