@@ -3,12 +3,8 @@ record. Pure parsing: the probe itself runs against real hosts in test_images_de
 
 from __future__ import annotations
 
-import pytest
-
 from sparsek_remote.workflow.deployments import CONTAINER_RUN_DIR, Deployment
 from sparsek_remote.workflow.preflight import parse
-
-pytestmark = pytest.mark.integration
 
 H100_HOST = """\
 user 1000 1000
