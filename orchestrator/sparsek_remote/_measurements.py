@@ -9,15 +9,18 @@ gets none of these tables, and a missing value is a dash, never a zero.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sparsek_remote.jobspec import TimingPolicy
 from sparsek_remote.schema import CardState, CaseResult, Ceilings, NcuMetrics
 
+# The ceilings of the GPU that measured a result (``Results.ceilings_for``).
+CeilingsFor = Callable[[CaseResult], Ceilings | None]
+
 NO_NUMBER = "—"
 
 
-def case_tables(results: Sequence[CaseResult], *, dtype: str | None, ceilings: Ceilings | None,
+def case_tables(results: Sequence[CaseResult], *, dtype: str | None, ceilings_for: CeilingsFor,
                 dense: Sequence[str]) -> list[str]:
     """Markdown blocks for one case: measurement, rates against ceilings and dense
     baselines, Nsight Compute; each only when it has something to show."""
@@ -29,8 +32,8 @@ def case_tables(results: Sequence[CaseResult], *, dtype: str | None, ceilings: C
     # With one dense baseline the main table's speedup column already says it all.
     baselines = [d for d in dense if medians.get(d)]
     baselines = baselines if len(baselines) > 1 else []
-    if timed and (ceilings is not None or baselines):
-        blocks.append(_rates_table(timed, dtype, ceilings, baselines, medians))
+    if timed and (any(ceilings_for(r) for r in timed) or baselines):
+        blocks.append(_rates_table(timed, dtype, ceilings_for, baselines, medians))
     profiled = [r for r in results if r.ncu is not None]
     if any(r.ncu.metrics is not None for r in profiled):
         blocks.append(_ncu_table([r for r in profiled if r.ncu.metrics is not None]))
@@ -105,15 +108,16 @@ def _measurement_table(timed: Sequence[CaseResult]) -> str:
     return table(header, rows, numeric=range(1, 2))
 
 
-def _rates_table(timed: Sequence[CaseResult], dtype: str | None, ceilings: Ceilings | None,
+def _rates_table(timed: Sequence[CaseResult], dtype: str | None, ceilings_for: CeilingsFor,
                  baselines: Sequence[str], medians: dict[str, float]) -> str:
-    peak = ceilings.matmul_tflops.get(dtype) if ceilings and dtype else None
-    copy = ceilings.copy_gbps if ceilings else None
     header = ["implementation", "TFLOP/s", f"% of {dtype or ''} matmul ceiling", "GB/s",
               "% of copy ceiling"] + [f"speedup vs `{b}`" for b in baselines]
     rows = []
     for r in timed:
         median = medians[r.implementation]
+        ceilings = ceilings_for(r)
+        peak = ceilings.matmul_tflops.get(dtype) if ceilings and dtype else None
+        copy = ceilings.copy_gbps if ceilings else None
         rows.append([f"`{r.implementation}`", num(r.tflops), _pct(r.tflops, peak),
                      num(r.gbps), _pct(r.gbps, copy)]
                     + [f"{medians[b] / median:.2f}x" if median else NO_NUMBER

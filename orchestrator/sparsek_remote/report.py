@@ -183,9 +183,11 @@ def _provenance_table(run: RunData) -> str:
             ("git commit", _commit(p.git_commit, p.git_dirty)), ("image", p.image_digest),
             ("created at", run.manifest.created_at), ("timing", _timing_summary(run))]
     rows += [(f"GPU {g.index}", _gpu_text(g)) for g in p.gpus]
+    own = [(f"measured ceilings, GPU {c.gpu_index}", c) for c in run.results.gpu_ceilings]
     rows += [(name, value) for name, value in (
         ("card at start", _measurements.card_text(p.card)),
-        ("measured ceilings", _measurements.ceilings_text(run.results.ceilings))) if value]
+        *[(name, _measurements.ceilings_text(c))
+          for name, c in own or [("measured ceilings", run.results.ceilings)]]) if value]
     body = "\n".join(f"| {name} | {_md(value) if value else 'unknown'} |" for name, value in rows)
     return "| provenance | |\n|---|---|\n" + body
 
@@ -238,7 +240,7 @@ def _case_section(run: RunData, case: str, base: str | None) -> str:
     reasons = [f"- `{r.implementation}`: {_md(_reason(r))}" for r in results if r.status != "ok"]
     dense = [i.label for i in run.manifest.job.implementations if isinstance(i, SdpaImpl)]
     measured = _measurements.case_tables(results, dtype=spec.dtype if spec else None,
-                                         ceilings=run.results.ceilings, dense=dense)
+                                         ceilings_for=run.results.ceilings_for, dense=dense)
     return "\n\n".join([title, table, *(["\n".join(reasons)] if reasons else []), *measured])
 
 

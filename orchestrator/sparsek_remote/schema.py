@@ -141,6 +141,8 @@ class Ceilings(_FromHost):
     matmul_tflops: dict[DtypeName, NonNegative] = {}
     copy_gbps: NonNegative | None = None
     method: Annotated[str, Field(max_length=1000)] = ""
+    # The GPU that measured them, in a run spread over several (``Results.gpu_ceilings``).
+    gpu_index: Annotated[int, Field(ge=0, le=1023)] | None = None
 
 
 class NcuMetrics(_FromHost):
@@ -317,15 +319,35 @@ class CaseResult(_FromHost):
 
 
 class Results(_FromHost):
+    """A bundle's results. In a run spread over GPUs, ``gpu_ceilings`` holds each GPU's
+    own ceilings (by ``gpu_index``) and ``ceilings`` the first GPU's."""
+
     schema_version: int
     run_id: Annotated[str, Field(pattern=RUN_ID_PATTERN)]
     results: list[CaseResult]
     ceilings: Ceilings | None = None
+    gpu_ceilings: Annotated[list[Ceilings], Field(max_length=1024)] = []
 
     @field_validator("schema_version")
     @classmethod
     def _known_version(cls, v: int) -> int:
         return _check_version(v)
+
+    @field_validator("gpu_ceilings")
+    @classmethod
+    def _one_per_gpu(cls, v: list[Ceilings]) -> list[Ceilings]:
+        indices = [c.gpu_index for c in v]
+        if None in indices or len(set(indices)) != len(indices):
+            raise ValueError("gpu_ceilings must name each GPU's index once: "
+                             f"got {indices}")
+        return v
+
+    def ceilings_for(self, result: CaseResult) -> Ceilings | None:
+        """The ceilings of the GPU that measured ``result``."""
+        for ceilings in self.gpu_ceilings:
+            if ceilings.gpu_index == result.gpu_index:
+                return ceilings
+        return self.ceilings
 
 
 class Manifest(_FromHost):

@@ -190,6 +190,11 @@ def test_merging_moves_each_workers_files_and_records_a_lost_gpu(tmp_path: Path)
                           "2 s; re-run with --only b/sdpa-math")
     assert lost.flops > 0 and lost.input_seed == 7
     assert [x.item for x in merged.lost] == ["b/sdpa-math"]
+    # The ceilings each worker measured stay its GPU's; the lost GPU measured none.
+    own = outcomes[0].bundle.results.ceilings
+    assert own is not None and valid.results.ceilings == own
+    assert valid.results.gpu_ceilings == [own.model_copy(update={"gpu_index": 0})]
+    assert valid.results.ceilings_for(ok).gpu_index == 0
     gpus_listed = valid.manifest.provenance.gpus
     assert [(g.index, g.uuid) for g in gpus_listed] == [(0, None), (3, "GPU-3b1f5e2a")]
     log = (out / LOG_NAME).read_text(encoding="utf-8")

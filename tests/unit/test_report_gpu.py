@@ -183,3 +183,31 @@ def test_a_run_spread_over_gpus_lists_each_gpu_and_where_each_timing_ran(tmp_pat
     single = write_report([bundle(RUN_OLD, [measured("small", "sdpa-cudnn", 2.0)])],
                           tmp_path / "one").markdown
     assert "| GPU 0 |" not in single and "| GPU |" not in single
+
+
+def test_each_gpu_s_rates_are_held_against_its_own_ceilings(tmp_path: Path):
+    # A run spread over two GPUs that measured different ceilings: each row's percentages
+    # use the ceilings of the GPU that timed it, and provenance lists both.
+    slow = CEILINGS.model_copy(update={"matmul_tflops": {"bfloat16": 500.0},
+                                       "copy_gbps": 2000.0, "gpu_index": 1})
+    first = measured("small", "sparsek-triton", 0.5, tflops=250.0, gbps=1500.0)
+    second = measured("small", "sdpa-cudnn", 2.0, tflops=250.0, gbps=1500.0)
+    first["gpu_index"], second["gpu_index"] = 0, 1
+    run = bundle(RUN_OLD, [first, second])
+    results = Results.model_validate({
+        **run.results.model_dump(), "ceilings": CEILINGS,
+        "gpu_ceilings": [CEILINGS.model_copy(update={"gpu_index": 0}), slow]})
+    md = write_report([RunData(run.run_id, run.host_alias, run.manifest, results)],
+                      tmp_path).markdown
+    column = "% of bfloat16 matmul ceiling"
+    assert row(md, "small", column, "sparsek-triton")[2:5] == ["31.2%", "1,500", "50.0%"]
+    assert row(md, "small", column, "sdpa-cudnn")[2:5] == ["50.0%", "1,500", "75.0%"]
+    assert "measured ceilings, GPU 0 | matmul bfloat16 800 TFLOP/s; copy 3,000 GB/s" in md
+    assert "measured ceilings, GPU 1 | matmul bfloat16 500 TFLOP/s; copy 2,000 GB/s" in md
+
+
+def test_gpu_ceilings_must_name_each_gpu_once():
+    run = bundle(RUN_OLD, [measured("small", "sdpa-cudnn", 2.0)])
+    twice = [CEILINGS.model_copy(update={"gpu_index": 0})] * 2
+    with pytest.raises(ValueError, match="each GPU's index once"):
+        Results.model_validate({**run.results.model_dump(), "gpu_ceilings": twice})

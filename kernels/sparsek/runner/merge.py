@@ -86,8 +86,11 @@ def merge_into(out: Path, job: JobSpec, run_id: str, outcomes: list[ShardOutcome
         _move_files(outcome.bundle, out)  # type: ignore[arg-type]
     _append_logs(out / LOG_NAME, outcomes)
     shutil.rmtree(out / SHARDS_FOLDER)
+    # Each GPU's rates are held against its own ceilings; the first's stand for the host.
+    own = [(o.worker.number, o.bundle.results.ceilings) for o in valid]  # type: ignore[union-attr]
     merged = Results(schema_version=SCHEMA_VERSION, run_id=run_id, results=results,
-                     ceilings=valid[0].bundle.results.ceilings)  # type: ignore[union-attr]
+                     ceilings=own[0][1],
+                     gpu_ceilings=[c.model_copy(update={"gpu_index": n}) for n, c in own if c])
     write_results(out, merged)
     write_manifest(out, run_id=run_id, job=job, provenance=provenance)
     try:
