@@ -11,6 +11,7 @@ plus the block lists: (S / BM) * K int32 indices per (batch, kv head).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,10 @@ from sparsek.triton_select_scan import sparsek_causal_scan_kernel
 
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Tune the attention tile per shape on a GPU (about a second per new shape, plus one compile
+# per config the first time). SPARSEK_TUNE=0 keeps the default tile: quick checks of many
+# shapes, where the tuning would cost more than the runs.
+TUNE = os.environ.get("SPARSEK_TUNE", "1") != "0"
 # Newton steps per threshold before the solver keeps its last point; a bracketed solve
 # on real data takes a handful, and the cap only bounds adversarial inputs.
 MAX_NEWTON = 100
@@ -54,7 +59,7 @@ class ForwardConfig:
     heads: query heads of one GQA group per attention program (rows = heads * block_m).
     block_n: keys per attention step. chunk: ranks per selection scan step.
     On a GPU without an explicit config, the attention's block_n, num_warps and
-    num_stages are tuned per shape instead (triton_attn.ATTN_CONFIGS).
+    num_stages are tuned per shape instead (triton_attn.ATTN_CONFIGS), unless TUNE is off.
     """
 
     block_m: int
@@ -210,7 +215,7 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.T
     fixed = dict(CAUSAL=causal, BM=cfg.block_m, HG=heads, D=dim,
                  PREC="ieee" if q.dtype == torch.float32 else "tf32",
                  UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16)
-    if config is None and q.is_cuda:
+    if config is None and q.is_cuda and TUNE:
         # Each new shape is tuned once per process, on its first call (outputs are
         # rewritten whole by every trial, so the trials leave nothing behind).
         sparsek_attn_fwd_tuned[grid](*args, **fixed)

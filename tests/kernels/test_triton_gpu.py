@@ -27,6 +27,16 @@ pytestmark = [
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 
+@pytest.fixture(autouse=True)
+def untuned(monkeypatch):
+    """The default attention tile: tuning every test shape would cost minutes of compiles.
+    Every tile the tuner may pick is tested on its own below, and the benchmark shapes
+    go through the tuner as a benchmark run does."""
+    from sparsek import triton_fwd
+
+    monkeypatch.setattr(triton_fwd, "TUNE", False)
+
+
 # (B, Hq, Hkv, S, D, K, W, causal, dtype): the interpreter's cases and larger ones that
 # span many blocks, chunks and list lengths on the GPU's own tile sizes.
 CASES = [
@@ -55,6 +65,32 @@ CASES = [
 @pytest.mark.parametrize(("B", "Hq", "Hkv", "S", "D", "K", "W", "causal", "dtype"), CASES)
 def test_forward_matches_reference(make_inputs, B, Hq, Hkv, S, D, K, W, causal, dtype):
     x = make_inputs(batch=B, q_heads=Hq, kv_heads=Hkv, seq_len=S, dim=D, dtype=dtype,
+                    device="cuda")
+    check_against_reference(x, dtype, kv_budget=K, window=W, causal=causal, scale=None)
+
+
+@pytest.mark.parametrize("tile", range(6))
+@pytest.mark.parametrize(("Hq", "Hkv", "S", "D", "K", "W", "causal", "dtype"), [
+    (8, 2, 1000, 128, 100, 33, True, BF16),
+    (4, 4, 700, 64, 50, 9, False, F16),
+])
+def test_every_attention_tile_the_tuner_may_pick_matches_reference(
+        make_inputs, monkeypatch, tile, Hq, Hkv, S, D, K, W, causal, dtype):
+    import dataclasses
+
+    from sparsek import triton_fwd
+    from sparsek.triton_attn import ATTN_CONFIGS
+
+    assert len(ATTN_CONFIGS) == 6, "the tile parameter must cover every config"
+    chosen = ATTN_CONFIGS[tile]
+    default = triton_fwd.default_config
+
+    def with_tile(q, group):
+        return dataclasses.replace(default(q, group), block_n=chosen.kwargs["BN"],
+                                   num_warps=chosen.num_warps, num_stages=chosen.num_stages)
+
+    monkeypatch.setattr(triton_fwd, "default_config", with_tile)
+    x = make_inputs(batch=1, q_heads=Hq, kv_heads=Hkv, seq_len=S, dim=D, dtype=dtype,
                     device="cuda")
     check_against_reference(x, dtype, kv_budget=K, window=W, causal=causal, scale=None)
 
@@ -144,12 +180,14 @@ BENCHMARK_SHAPES = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BENCHMARK_SHAPES))
-def test_benchmark_shapes_pass_the_runner_gate(name):
+def test_benchmark_shapes_pass_the_runner_gate(monkeypatch, name):
+    from sparsek import triton_fwd
     from sparsek.runner.gate import check
     from sparsek.runner.implementations import prepare
     from sparsek.runner.inputs import make_inputs
     from sparsek_remote.jobspec import Case, CorrectnessPolicy, SparsekImpl
 
+    monkeypatch.setattr(triton_fwd, "TUNE", True)  # as a benchmark run has it
     case = Case(name=name, dtype="bfloat16", seed=11, **BENCHMARK_SHAPES[name])
     impl = SparsekImpl(kind="sparsek", impl="triton")
     log = logging.getLogger("test")
