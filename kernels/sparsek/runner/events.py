@@ -45,6 +45,13 @@ def case_done(result: CaseResult, index: int, total: int) -> Event:
             "rel_error": rel_error, "throttled": result.throttled}
 
 
+def case_lost(case: str, implementation: str, index: int, total: int) -> Event:
+    """The ``case_done`` of a pair whose runner died before it reported one."""
+    return {"event": "case_done", "case": case, "implementation": implementation,
+            "index": index, "total": total, "status": "error", "median_ms": None,
+            "rel_error": None, "throttled": None}
+
+
 def profile_start(case: str, implementation: str, index: int, total: int) -> Event:
     return {"event": "profile_start", "case": case, "implementation": implementation,
             "index": index, "total": total}

@@ -24,6 +24,7 @@ from typing import IO
 
 import sparsek
 import sparsek_remote
+from sparsek.runner import events
 from sparsek.runner.events import Event, EventSink
 from sparsek.runner.gpus import Worker
 from sparsek.runner.shard import Shard
@@ -76,11 +77,9 @@ class Relay:
                 if (number, item) in self._done:
                     continue
                 case, _, implementation = item.partition("/")
-                self._sink({"event": "case_done", "case": case,
-                            "implementation": implementation,
-                            "index": self._global_index(number, item), "total": self._total,
-                            "status": "error", "median_ms": None, "rel_error": None,
-                            "throttled": None, "gpu": number})
+                lost = events.case_lost(case, implementation,
+                                        self._global_index(number, item), self._total)
+                self._sink({**lost, "gpu": number})
                 self._done.add((number, item))
 
     def _global_index(self, number: int, item: str) -> int:
