@@ -1,6 +1,7 @@
 """The image: its content-addressed build, its layers, and the partial archive that
 ships only what a host lacks. The only package that talks to Docker."""
 
+from sparsek_remote.images._stream import ChunkReader
 from sparsek_remote.images.archive import (
     CODECS,
     LOAD_ARGV,
@@ -43,6 +44,7 @@ __all__ = [
     "BuildOptions",
     "BuiltImage",
     "CODECS",
+    "ChunkReader",
     "Codec",
     "DOCKER_UNUSABLE_EXIT",
     "HASH_LABEL",

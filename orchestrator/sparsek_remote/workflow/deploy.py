@@ -10,7 +10,7 @@ which ``docker_runner`` starts runs there.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,8 +215,8 @@ def _ship(shared: _Shared, conn: remote.Connection, alias: str) -> ShipResult:
                                     codec=shared.codec)
     shared.stage(alias, "shipping", f"{sum(1 for h in held.held_mask(image.info) if not h)} "
                                     f"of {total} layers")
-    source = _ArchiveSource(archive, lambda n: shared.on_event(
-        {"event": "ship", "host": alias, "bytes": n}))
+    source = images.ChunkReader(_reported(archive, lambda n: shared.on_event(
+        {"event": "ship", "host": alias, "bytes": n})))
     loaded = conn.stream_in(list(images.LOAD_ARGV), source, what="loading the image",
                             check=False)
     if not loaded.ok:
@@ -242,23 +242,10 @@ def _verify(shared: _Shared, conn: remote.Connection) -> str:
     return seen
 
 
-class _ArchiveSource:
-    """``read(size)`` over the archive's chunks, for the SSH channel's feeder. A chunk
-    that cannot be built ends the host's ``docker load`` there, and ``stream_in``
-    raises its error."""
-
-    def __init__(self, chunks: images.PartialArchive, on_bytes: Callable[[int], None]) -> None:
-        self._chunks = iter(chunks)
-        self._view = memoryview(b"")
-        self._on_bytes = on_bytes
-
-    def read(self, size: int) -> bytes:
-        try:
-            while not self._view:
-                self._view = memoryview(next(self._chunks))
-        except StopIteration:
-            return b""
-        data = bytes(self._view[:size])
-        self._view = self._view[size:]
-        self._on_bytes(len(data))
-        return data
+def _reported(chunks: Iterable[bytes], on_bytes: Callable[[int], None]) -> Iterator[bytes]:
+    """The archive's chunks, each reported (its size) as it leaves for the host. A chunk
+    that cannot be built ends the host's ``docker load`` there, and ``stream_in`` raises
+    its error."""
+    for chunk in chunks:
+        on_bytes(len(chunk))
+        yield chunk
