@@ -183,11 +183,11 @@ def _provenance_table(run: RunData) -> str:
             ("git commit", _commit(p.git_commit, p.git_dirty)), ("image", p.image_digest),
             ("created at", run.manifest.created_at), ("timing", _timing_summary(run))]
     rows += [(f"GPU {g.index}", _gpu_text(g)) for g in p.gpus]
-    own = [(f"measured ceilings, GPU {c.gpu_index}", c) for c in run.results.gpu_ceilings]
-    rows += [(name, value) for name, value in (
-        ("card at start", _measurements.card_text(p.card)),
-        *[(name, _measurements.ceilings_text(c))
-          for name, c in own or [("measured ceilings", run.results.ceilings)]]) if value]
+    ceilings = [(f"measured ceilings, GPU {c.gpu_index}", c) for c in run.results.gpu_ceilings]
+    ceilings = ceilings or [("measured ceilings", run.results.ceilings)]
+    optional = [("card at start", _measurements.card_text(p.card))] + [
+        (name, _measurements.ceilings_text(c)) for name, c in ceilings]
+    rows += [(name, value) for name, value in optional if value]
     body = "\n".join(f"| {name} | {_md(value) if value else 'unknown'} |" for name, value in rows)
     return "| provenance | |\n|---|---|\n" + body
 
