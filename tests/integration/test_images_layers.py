@@ -38,10 +38,14 @@ def small_image(docker_client, base_image: str):
         tar.addfile(member, io.BytesIO(dockerfile))
     context.seek(0)
     docker_fixtures.remove_image(docker_client, SMALL)
-    for _ in docker_client.api.build(fileobj=context, custom_context=True, tag=SMALL,
-                                     rm=True, decode=True):
-        pass
-    yield images.image_info(docker_client, SMALL)
+    errors = [line["error"] for line in docker_client.api.build(
+        fileobj=context, custom_context=True, tag=SMALL, rm=True, decode=True)
+        if "error" in line]
+    info = images.image_info(docker_client, SMALL)
+    if errors or info is None:
+        pytest.fail(f"building {SMALL} on {base_image} failed: {errors or 'no image'}",
+                    pytrace=False)
+    yield info
     docker_fixtures.remove_image(docker_client, SMALL)
 
 
