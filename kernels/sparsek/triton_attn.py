@@ -23,21 +23,34 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _softmax_update(s, g, m_i, l_i, acc, b_v, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                    MASKED: tl.constexpr):
-    """Fold a tile of scores s [M, BN] (log2 units) with gates g into the running state.
-    MASKED: some gates are 0, and their scores must not raise the running maximum."""
-    if MASKED:
-        s = tl.where(g > 0, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+def _fold(x, g, m_i, l_i, acc, b_v, PREC: tl.constexpr, UPCAST: tl.constexpr,
+          GATED: tl.constexpr):
+    """Fold a tile of logits x [M, BN] (log2 units, -inf where a pair is not attended) and
+    its gates g (GATED; else every gate is 1) into the running state (m_i, l_i, acc)."""
+    m_new = tl.maximum(m_i, tl.max(x, axis=1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(x - m_use[:, None])
+    if GATED:
+        p = p * g
     # Normalize by the weights as rounded for the value product, so a row's weights sum
     # to exactly what multiplies v (one kept pair then returns its v exactly).
-    p = (tl.exp2(s - m_use[:, None]) * g).to(b_v.dtype)
+    p = p.to(b_v.dtype)
     l_i = l_i * alpha + tl.sum(p.to(tl.float32), axis=1)
     acc = acc * alpha[:, None] + _dot(p, b_v, PREC, UPCAST)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _rows(base, pos, o_d, mask, D: tl.constexpr):
+    """The rows pos [BN] of a [*, D] matrix at base; zero where mask (if any) is False."""
+    ptrs = base + (pos * D)[:, None] + o_d[None, :]
+    # A statement if: on a constexpr (None) Triton compiles only the arm taken.
+    if mask is None:  # noqa: SIM108
+        rows = tl.load(ptrs)
+    else:
+        rows = tl.load(ptrs, mask=mask[:, None], other=0.0)
+    return rows
 
 
 @triton.jit
@@ -61,6 +74,7 @@ def sparsek_attn_fwd_kernel(
     i_b = i_bh // Hkv
     i_kv = i_bh % Hkv
     i0 = i_blk * BM
+    i1 = tl.minimum(i0 + BM - 1, S - 1)  # the block's last query
     o_m = tl.arange(0, M)
     o_d = tl.arange(0, D)
     q_pos = i0 + o_m % BM  # [M]
@@ -80,6 +94,7 @@ def sparsek_attn_fwd_kernel(
     m_i = tl.zeros([M], tl.float32) + float("-inf")
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, D], tl.float32)
+
     # Gathered pass: list entry n is selected by the queries with n < cnt. Tiles that every
     # query selects whole need no mask: their gate is min(u - tau, 1), positive since each
     # selected score is above its query's threshold.
@@ -87,53 +102,71 @@ def sparsek_attn_fwd_kernel(
     n_sel = tl.max(cnt, axis=0)
     n_all = (tl.min(tl.where(m_q, cnt, K), axis=0) // BN) * BN
     for n0 in range(0, n_all, BN):
-        o_n = n0 + tl.arange(0, BN)
-        pos = tl.load(p_g + o_n)
-        kv_off = pos * D
-        b_k = tl.load(k_base + kv_off[:, None] + o_d[None, :])
-        b_v = tl.load(v_base + kv_off[:, None] + o_d[None, :])
+        pos = tl.load(p_g + n0 + tl.arange(0, BN))
+        b_k = _rows(k_base, pos, o_d, None, D)
+        b_v = _rows(v_base, pos, o_d, None, D)
         b_u = tl.load(u_ptr + kv_row + pos)
-        s = _dot(b_q, tl.trans(b_k), PREC, UPCAST) * qk_scale
+        x = _dot(b_q, tl.trans(b_k), PREC, UPCAST) * qk_scale
         g = tl.minimum(tl.maximum(b_u[None, :] - tau[:, None], 0.0), 1.0)
-        m_i, l_i, acc = _softmax_update(s, g, m_i, l_i, acc, b_v, PREC, UPCAST, False)
+        m_i, l_i, acc = _fold(x, g, m_i, l_i, acc, b_v, PREC, UPCAST, True)
     for n0 in range(n_all, n_sel, BN):
         o_n = n0 + tl.arange(0, BN)
         m_n = o_n < n_sel
         pos = tl.load(p_g + o_n, mask=m_n, other=0)
-        kv_off = pos * D
-        b_k = tl.load(k_base + kv_off[:, None] + o_d[None, :], mask=m_n[:, None], other=0.0)
-        b_v = tl.load(v_base + kv_off[:, None] + o_d[None, :], mask=m_n[:, None], other=0.0)
+        b_k = _rows(k_base, pos, o_d, m_n, D)
+        b_v = _rows(v_base, pos, o_d, m_n, D)
         b_u = tl.load(u_ptr + kv_row + pos, mask=m_n, other=0.0)
-        s = _dot(b_q, tl.trans(b_k), PREC, UPCAST) * qk_scale
         g = tl.minimum(tl.maximum(b_u[None, :] - tau[:, None], 0.0), 1.0)
         g = tl.where(o_n[None, :] < cnt[:, None], g, 0.0)
-        m_i, l_i, acc = _softmax_update(s, g, m_i, l_i, acc, b_v, PREC, UPCAST, True)
-    # Dense pass over the block's range: window pairs, and extras above the cut.
+        x = _dot(b_q, tl.trans(b_k), PREC, UPCAST) * qk_scale
+        x = tl.where(g > 0, x, float("-inf"))
+        m_i, l_i, acc = _fold(x, g, m_i, l_i, acc, b_v, PREC, UPCAST, True)
+
+    # Dense pass over the block's range [j_lo, j_hi]: window pairs, and the extras above
+    # the cut. Its tiles are aligned to i0 and fall into three runs, cheapest in the middle:
+    #   [j_start, t1): keys that are candidates of some query: gates from the selection;
+    #   [t1, t2): keys in every query's window (j in (i1 - W, i0], non-causal also up to
+    #            i0 + W - 1) and in range: gate 1, no mask;
+    #   [t2, j_hi]: causal: the diagonal, window keys only, masked by position; non-causal:
+    #            the candidates beyond the window, as in the first run.
     j_lo = tl.maximum(i0 - W + 1, 0)
     if CAUSAL:
-        j_hi = tl.minimum(i0 + BM - 1, S - 1)
+        j_hi = i1
+        e_hi = i0
     else:
         j_hi = tl.where(W > 0, tl.minimum(i0 + BM + W - 2, S - 1), -1)
-    for j0 in range(j_lo, j_hi + 1, BN):
+        e_hi = tl.minimum(i0 + W - 1, j_hi)
+    j_start = i0 - ((i0 - j_lo + BN - 1) // BN) * BN
+    a_lo = tl.maximum(tl.minimum(tl.maximum(i1 - W + 1, j_lo), j_hi + 1), j_start)
+    t1 = j_start + ((a_lo - j_start + BN - 1) // BN) * BN
+    t2 = t1 + (tl.maximum(e_hi + 1 - t1, 0) // BN) * BN
+    for j0 in range(j_start, t1, BN):
+        o_j = j0 + tl.arange(0, BN)
+        m_j = (o_j >= j_lo) & (o_j <= j_hi)
+        m_i, l_i, acc = _dense_gated(b_q, k_base, v_base, u_ptr + kv_row, rank_ptr + kv_row,
+                                     o_j, m_j, o_d, q_pos, tau, rk, W, qk_scale, m_i, l_i,
+                                     acc, CAUSAL, D, PREC, UPCAST)
+    for j0 in range(t1, t2, BN):
+        o_j = j0 + tl.arange(0, BN)
+        b_k = _rows(k_base, o_j, o_d, None, D)
+        b_v = _rows(v_base, o_j, o_d, None, D)
+        x = _dot(b_q, tl.trans(b_k), PREC, UPCAST) * qk_scale
+        m_i, l_i, acc = _fold(x, 0.0, m_i, l_i, acc, b_v, PREC, UPCAST, False)
+    for j0 in range(t2, j_hi + 1, BN):
         o_j = j0 + tl.arange(0, BN)
         m_j = o_j <= j_hi
-        kv_off = o_j * D
-        b_k = tl.load(k_base + kv_off[:, None] + o_d[None, :], mask=m_j[:, None], other=0.0)
-        b_v = tl.load(v_base + kv_off[:, None] + o_d[None, :], mask=m_j[:, None], other=0.0)
-        b_u = tl.load(u_ptr + kv_row + o_j, mask=m_j, other=0.0)
-        b_r = tl.load(rank_ptr + kv_row + o_j, mask=m_j, other=S)
-        s = _dot(b_q, tl.trans(b_k), PREC, UPCAST) * qk_scale
-        dist = q_pos[:, None] - o_j[None, :]
         if CAUSAL:
-            win = (dist >= 0) & (dist < W)
-            cand = dist >= W
+            b_k = _rows(k_base, o_j, o_d, m_j, D)
+            b_v = _rows(v_base, o_j, o_d, m_j, D)
+            x = _dot(b_q, tl.trans(b_k), PREC, UPCAST) * qk_scale
+            keep = (q_pos[:, None] >= o_j[None, :]) & m_j[None, :]
+            x = tl.where(keep, x, float("-inf"))
+            m_i, l_i, acc = _fold(x, 0.0, m_i, l_i, acc, b_v, PREC, UPCAST, False)
         else:
-            win = (dist < W) & (dist > -W)
-            cand = (dist >= W) | (dist <= -W)
-        pick = cand & (b_r[None, :] <= rk[:, None]) & m_j[None, :]
-        soft = tl.minimum(tl.maximum(b_u[None, :] - tau[:, None], 0.0), 1.0)
-        g = tl.where(win & m_j[None, :], 1.0, tl.where(pick, soft, 0.0))
-        m_i, l_i, acc = _softmax_update(s, g, m_i, l_i, acc, b_v, PREC, UPCAST, True)
+            m_i, l_i, acc = _dense_gated(b_q, k_base, v_base, u_ptr + kv_row,
+                                         rank_ptr + kv_row, o_j, m_j, o_d, q_pos, tau, rk, W,
+                                         qk_scale, m_i, l_i, acc, CAUSAL, D, PREC, UPCAST)
+
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
@@ -143,6 +176,31 @@ def sparsek_attn_fwd_kernel(
              mask=m_q[:, None])
     lse_base = (i_b * Hq + head0).to(tl.int64) * S
     tl.store(lse_ptr + lse_base + (o_m // BM) * S + q_pos, lse, mask=m_q)
+
+
+@triton.jit
+def _dense_gated(b_q, k_base, v_base, u_row, rank_row, o_j, m_j, o_d, q_pos, tau, rk, W,
+                 qk_scale, m_i, l_i, acc, CAUSAL: tl.constexpr, D: tl.constexpr,
+                 PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One tile of the dense range where some keys are candidates: window pairs get gate 1,
+    candidates ranked within a query's cut get clip(u - tau, 0, 1), the rest nothing."""
+    b_k = _rows(k_base, o_j, o_d, m_j, D)
+    b_v = _rows(v_base, o_j, o_d, m_j, D)
+    b_u = tl.load(u_row + o_j, mask=m_j, other=0.0)
+    b_r = tl.load(rank_row + o_j, mask=m_j, other=2**31 - 1)
+    x = _dot(b_q, tl.trans(b_k), PREC, UPCAST) * qk_scale
+    dist = q_pos[:, None] - o_j[None, :]
+    if CAUSAL:
+        win = (dist >= 0) & (dist < W)
+        cand = dist >= W
+    else:
+        win = (dist < W) & (dist > -W)
+        cand = (dist >= W) | (dist <= -W)
+    pick = cand & (b_r[None, :] <= rk[:, None])
+    soft = tl.minimum(tl.maximum(b_u[None, :] - tau[:, None], 0.0), 1.0)
+    g = tl.where(win & m_j[None, :], 1.0, tl.where(pick & m_j[None, :], soft, 0.0))
+    x = tl.where(g > 0, x, float("-inf"))
+    return _fold(x, g, m_i, l_i, acc, b_v, PREC, UPCAST, True)
 
 
 # Tuned per shape on a GPU: keys per step and the launch (warps, pipeline stages). The

@@ -194,29 +194,40 @@ def select(u: torch.Tensor, kv_budget: int, window: int, causal: bool,
     return pick(scores, z, sp, rank, budget, window, cfg)
 
 
-def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.Tensor,
-                   kv_budget: int, window: int, causal: bool, scale: float,
-                   o: torch.Tensor, lse: torch.Tensor,
-                   config: ForwardConfig | None = None) -> None:
-    """Write o [B, Hq, S, D] and lse [B, Hq, S] (float32) for already-validated inputs."""
+def attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.Tensor,
+                     sel: Selection, window: int, causal: bool, scale: float,
+                     cfg: ForwardConfig, o: torch.Tensor, lse: torch.Tensor):
+    """(grid, positional args, constexpr args) of the attention kernel for contiguous
+    q, k, v, o and lse and a selection made with cfg's blocks; the caller adds the tile
+    (BN, num_warps, num_stages) or lets the tuner pick it."""
     batch, q_heads, seq_len, dim = q.shape
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
-    cfg = config or default_config(q, group)
     heads = math.gcd(cfg.heads, group)
-    sel = select(u, kv_budget, window, causal, cfg)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    o_dst = o if o.is_contiguous() else torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse_dst = lse if lse.is_contiguous() else torch.empty(lse.shape, dtype=lse.dtype,
-                                                          device=lse.device)
     scores = u.reshape(-1, seq_len).to(torch.float32).contiguous()
     grid = (triton.cdiv(seq_len, cfg.block_m), batch * kv_heads, group // heads)
-    args = (q, k, v, scores, sel.rank, sel.lists, sel.tau, sel.rk, sel.cnt, o_dst, lse_dst,
+    args = (q, k, v, scores, sel.rank, sel.lists, sel.tau, sel.rk, sel.cnt, o, lse,
             seq_len, q_heads, kv_heads, sel.lists.shape[1], sel.lists.shape[2], window,
             scale * LOG2E)
     fixed = dict(CAUSAL=causal, BM=cfg.block_m, HG=heads, D=dim,
                  PREC="ieee" if q.dtype == torch.float32 else "tf32",
                  UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16)
+    return grid, args, fixed
+
+
+def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.Tensor,
+                   kv_budget: int, window: int, causal: bool, scale: float,
+                   o: torch.Tensor, lse: torch.Tensor,
+                   config: ForwardConfig | None = None) -> None:
+    """Write o [B, Hq, S, D] and lse [B, Hq, S] (float32) for already-validated inputs."""
+    cfg = config or default_config(q, q.shape[1] // k.shape[1])
+    sel = select(u, kv_budget, window, causal, cfg)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    o_dst = o if o.is_contiguous() else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse_dst = lse if lse.is_contiguous() else torch.empty(lse.shape, dtype=lse.dtype,
+                                                          device=lse.device)
+    grid, args, fixed = attention_launch(q, k, v, u, sel, window, causal, scale, cfg,
+                                         o_dst, lse_dst)
     if config is None and q.is_cuda and TUNE:
         # Each new shape is tuned once per process, on its first call (outputs are
         # rewritten whole by every trial, so the trials leave nothing behind).

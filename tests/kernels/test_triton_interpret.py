@@ -74,6 +74,10 @@ CASES = [
     (1, 1, 1, 257, 64, 300, 0, True, F32),  # K >= S: dense
     (1, 1, 1, 100, 64, 100, 16, False, F32),
     (1, 4, 4, 63, 64, 7, 100, False, F32),  # W >= S: dense
+    # W above a block plus a key tile: the dense range has keys in every query's window,
+    # which the attention kernel folds without a mask
+    (1, 2, 1, 200, 64, 12, 70, True, BF16),
+    (1, 2, 1, 200, 64, 12, 70, False, F32),
 ]
 
 
@@ -87,6 +91,15 @@ def test_forward_matches_reference(make_inputs, B, Hq, Hkv, S, D, K, W, causal, 
 def test_ties_in_scores_follow_the_smaller_position(make_inputs, causal):
     x = make_inputs(q_heads=2, kv_heads=1, seq_len=100, dim=64, dtype=F32, u_levels=5)
     check_against_reference(x, F32, kv_budget=7, window=1, causal=causal, scale=0.3)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_logits_far_apart_rescale_the_running_sums(make_inputs, causal):
+    # A large scale spreads the logits over hundreds of log2 units, so a row's maximum
+    # keeps outgrowing the reference its weights are taken against (RESCALE_AT) from tile
+    # to tile, in the list, the dense range and the window-only tiles alike.
+    x = make_inputs(q_heads=2, kv_heads=1, seq_len=200, dim=64, dtype=F32)
+    check_against_reference(x, F32, kv_budget=12, window=70, causal=causal, scale=2.0)
 
 
 @pytest.mark.parametrize("causal", [True, False])

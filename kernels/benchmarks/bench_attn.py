@@ -1,0 +1,125 @@
+"""Time the SparseK attention kernel alone, per tile, against a saved copy of the kernel.
+
+For each query block (``--blocks``: queries x GQA heads per program; the forward's
+default when not given) the selection is made once; then the current kernel, and with
+``--baseline FILE`` the kernel of another copy of ``triton_attn.py`` (an A/B of a kernel
+change on the same card in one run), run on it with each tile (keys per step x warps x
+pipeline stages). Every output is compared with the shape's first one. Median of
+``triton.testing.do_bench`` (L2 cleared before each call).
+
+Usage: python kernels/benchmarks/bench_attn.py [--cases gpt4-4k,long-64k]
+       [--blocks 128x1,64x1] [--tiles 32x4x2,64x8x2] [--baseline old_triton_attn.py]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import math
+import sys
+
+import torch
+
+from sparsek import triton_attn, triton_fwd
+from sparsek.runner.metrics import attended_pairs
+
+# name: (B, Hq, Hkv, S, D, K, W, causal): the three shapes of the speed bars.
+SHAPES = {
+    "seed": (16, 96, 96, 512, 64, 64, 32, False),
+    "gpt4-4k": (16, 96, 96, 4096, 128, 256, 256, True),
+    "long-64k": (1, 32, 8, 65536, 128, 2048, 512, True),
+}
+TILES = "32x4x2,64x4x2,64x8x2,64x8x3,128x8x2"
+
+
+def _load_baseline(path: str):
+    spec = importlib.util.spec_from_file_location("sparsek_attn_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.sparsek_attn_fwd_kernel
+
+
+def _computed_keys(S: int, K: int, W: int, causal: bool, block_m: int) -> int:
+    """Keys per (batch, head) the block scheme multiplies: each block's list (K at most)
+    plus its dense range, times the block's queries."""
+    total = 0
+    for i0 in range(0, S, block_m):
+        rows = min(block_m, S - i0)
+        lo = max(i0 - W + 1, 0)
+        hi = min(i0 + block_m - 1, S - 1) if causal else (
+            min(i0 + block_m + W - 2, S - 1) if W > 0 else -1)
+        total += rows * (min(K, S) + max(hi - lo + 1, 0))
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="gpt4-4k,long-64k")
+    parser.add_argument("--tiles", default=TILES,
+                        help="BNxWARPSxSTAGES, comma-separated")
+    parser.add_argument("--blocks", default="",
+                        help="BMxHEADS, comma-separated (default: the forward's)")
+    parser.add_argument("--baseline", help="another triton_attn.py to time as 'baseline'")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_attn needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import triton.testing
+
+    kernels = {"current": triton_attn.sparsek_attn_fwd_kernel}
+    if args.baseline:
+        kernels["baseline"] = _load_baseline(args.baseline)
+    tiles = [tuple(int(n) for n in t.split("x")) for t in args.tiles.split(",")]
+    print(f"{'shape':9} {'block':6} {'kernel':8} {'tile':8} {'median ms':>9} {'computed TF/s':>13} "
+          f"{'attended TF/s':>13} {'diff':>8}")
+    for name in args.cases.split(","):
+        B, Hq, Hkv, S, D, K, W, causal = SHAPES[name]
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(B, h, S, D, device="cuda", generator=gen,
+                               dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
+        u = torch.randn(B, Hkv, S, device="cuda", generator=gen)
+        lse = torch.empty(B, Hq, S, device="cuda")
+        flops = 4 * B * Hq * D
+        attended = flops * attended_pairs(S, K, W, causal)
+        default = triton_fwd.default_config(q, Hq // Hkv)
+        blocks = ([tuple(int(n) for n in b.split("x")) for b in args.blocks.split(",")]
+                  if args.blocks else [(default.block_m, default.heads)])
+        want = None
+        for block_m, heads in blocks:
+            cfg = dataclasses.replace(default, block_m=block_m, heads=heads)
+            sel = triton_fwd.select(u, K, W, causal, cfg)
+            computed = flops * _computed_keys(S, K, W, causal, block_m)
+            for kname, kernel in kernels.items():
+                for bn, warps, stages in tiles:
+                    o = torch.full_like(q, float("nan"))
+                    grid, a, fixed = triton_fwd.attention_launch(q, k, v, u, sel, W, causal,
+                                                                 D ** -0.5, cfg, o, lse)
+
+                    def run(kernel=kernel, grid=grid, a=a, fixed=fixed, bn=bn, warps=warps,
+                            stages=stages):
+                        kernel[grid](*a, **fixed, BN=bn, num_warps=warps, num_stages=stages)
+
+                    label = f"{name:9} {block_m}x{heads:<3} {kname:8} {bn}x{warps}x{stages:<4}"
+                    try:
+                        run()
+                        torch.cuda.synchronize()
+                    except Exception as exc:  # a tile that does not compile is a data point
+                        print(f"{label} failed: {type(exc).__name__}: {str(exc)[:100]}",
+                              flush=True)
+                        continue
+                    if want is None:
+                        want = o.float()
+                    diff = float((o.float() - want).norm() / want.norm())
+                    ms = triton.testing.do_bench(run, return_mode="median")
+                    print(f"{label} {ms:9.3f} {computed / ms / 1e9:13.1f} "
+                          f"{attended / ms / 1e9:13.1f} {diff:8.1e}"
+                          + ("" if math.isfinite(diff) else "  (not finite)"), flush=True)
+            del sel
+        del q, k, v, u, lse, want
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
