@@ -363,7 +363,8 @@ _PATTERN_RULES = {
 def _message(err: dict[str, Any]) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
-        return "unknown key; remove it or check its spelling (`sparsek-remote schema` lists the keys)"
+        return ("unknown key; remove it or check its spelling "
+                "(`sparsek-remote schema` lists the keys)")
     if kind == "string_pattern_mismatch":
         return _PATTERN_RULES.get(err.get("ctx", {}).get("pattern"), _PATTERN_RULES[NAME_PATTERN])
     if kind == "missing":

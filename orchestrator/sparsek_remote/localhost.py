@@ -8,6 +8,7 @@ arrive as JSON lines on stdout; its log goes to stderr and into the bundle.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import signal
@@ -135,7 +136,5 @@ def _drain(stream: Any, tail: collections.deque[str]) -> None:
 
 def _kill_group(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
-        try:
+        with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass

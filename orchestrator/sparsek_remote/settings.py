@@ -41,7 +41,8 @@ from sparsek_remote.jobspec import LOCAL_TARGET, TARGET_PATTERN
 
 ENV_PREFIX = "SPARSEK_"
 # A DNS name, an IPv4 address or a bracket-free IPv6 address: nothing a shell would read.
-ADDRESS_PATTERN = r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*|[0-9A-Fa-f:.]{2,45})$"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+ADDRESS_PATTERN = rf"^(?:{_LABEL}(?:\.{_LABEL})*|[0-9A-Fa-f:.]{{2,45}})$"
 USER_PATTERN = r"^[a-z_][a-z0-9_-]{0,31}$"
 FINGERPRINT_PATTERN = r"^SHA256:[A-Za-z0-9+/]{43}=?$"
 REMOTE_DIR_PATTERN = r"^[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*$"

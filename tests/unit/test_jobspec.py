@@ -89,8 +89,10 @@ HOSTILE = {
                         ["implementations[1].backend"]),
     "unknown implementation kind": (_mutate("kind: sdpa", "kind: flexattention"),
                                     ["implementations[1]"]),
-    "duplicate case": (GOOD.replace("implementations:", """  - {name: c1, B: 1, Hq: 1, Hkv: 1, S: 8, D: 16, kv_budget: 1, window: 1}
-implementations:""", 1), ["appears twice"]),
+    "duplicate case": (GOOD.replace(
+        "implementations:",
+        "  - {name: c1, B: 1, Hq: 1, Hkv: 1, S: 8, D: 16, kv_budget: 1, window: 1}\n"
+        "implementations:", 1), ["appears twice"]),
     "duplicate key": (_mutate("    B: 1\n", "    B: 1\n    B: 2\n"), ["line 5", "'B'",
                                                                        "appears twice"]),
     "ncu names unknown case": (_mutate("cases: [c1]", "cases: [c9]"), ["ncu", "c9"]),
