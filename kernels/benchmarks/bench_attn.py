@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             for kname, kernel in kernels.items():
                 for bn, warps, stages in tiles:
                     o = torch.full_like(q, float("nan"))
-                    grid, a, fixed = triton_fwd.attention_launch(q, k, v, u, sel, W, causal,
+                    grid, a, fixed = triton_fwd.attention_launch(q, k, v, sel, W, causal,
                                                                  D ** -0.5, cfg, o, lse)
 
                     def run(kernel=kernel, grid=grid, a=a, fixed=fixed, bn=bn, warps=warps,

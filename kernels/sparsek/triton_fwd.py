@@ -75,13 +75,15 @@ class ForwardConfig:
 @dataclass(frozen=True)
 class Selection:
     """Per (batch, kv head): lists [BH, NBG, K'] (K' = max(K, 1)), inverse sort rank
-    [BH, S], and per query tau (float32), rk and cnt (int32) [BH, S]."""
+    [BH, S], and per query tau (float32), rk and cnt (int32) [BH, S]; scores are the
+    float32 scores [BH, S] it was made from, which the attention reads its gates from."""
 
     lists: torch.Tensor
     rank: torch.Tensor
     tau: torch.Tensor
     rk: torch.Tensor
     cnt: torch.Tensor
+    scores: torch.Tensor
 
 
 def default_config(q: torch.Tensor, group: int) -> ForwardConfig:
@@ -147,7 +149,7 @@ def _select_causal(scores, z, sp, rank, budget, window, cfg) -> Selection:
         z, sp, rank, scores, lists, bf, bi, tau, rk, cnt, flag, seq_len, nbnd, budget,
         window, MAX_NEWTON, BM=cfg.block_m, BQ=sub, NS=SLOTS, CHX=64,
         LOGK=budget.bit_length(), GATED=scan, num_warps=4)
-    return Selection(lists, rank, tau, rk, cnt)
+    return Selection(lists, rank, tau, rk, cnt, scores)
 
 
 def _select_noncausal(scores, z, sp, rank, budget, window, cfg) -> Selection:
@@ -167,7 +169,7 @@ def _select_noncausal(scores, z, sp, rank, budget, window, cfg) -> Selection:
         NW=max(16, triton.next_power_of_2(2 * window - 1)),
         NR=max(16, triton.next_power_of_2(cfg.block_m + 2 * window - 2)),
         CH=min(cfg.chunk, 256), num_warps=8 if sub >= 64 else 4)
-    return Selection(lists, rank, tau, rk, cnt)
+    return Selection(lists, rank, tau, rk, cnt, scores)
 
 
 def _per_query(scores: torch.Tensor):
@@ -189,12 +191,12 @@ def select(u: torch.Tensor, kv_budget: int, window: int, causal: bool,
         bh, dev = scores.shape[0], scores.device
         lists = torch.zeros((bh, 1, 1), dtype=torch.int32, device=dev)
         return Selection(lists, rank, torch.zeros_like(scores),
-                         torch.full_like(rank, -1), torch.zeros_like(rank))
+                         torch.full_like(rank, -1), torch.zeros_like(rank), scores)
     pick = _select_causal if causal else _select_noncausal
     return pick(scores, z, sp, rank, budget, window, cfg)
 
 
-def attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.Tensor,
+def attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      sel: Selection, window: int, causal: bool, scale: float,
                      cfg: ForwardConfig, o: torch.Tensor, lse: torch.Tensor):
     """(grid, positional args, constexpr args) of the attention kernel for contiguous
@@ -204,9 +206,8 @@ def attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
     heads = math.gcd(cfg.heads, group)
-    scores = u.reshape(-1, seq_len).to(torch.float32).contiguous()
     grid = (triton.cdiv(seq_len, cfg.block_m), batch * kv_heads, group // heads)
-    args = (q, k, v, scores, sel.rank, sel.lists, sel.tau, sel.rk, sel.cnt, o, lse,
+    args = (q, k, v, sel.scores, sel.rank, sel.lists, sel.tau, sel.rk, sel.cnt, o, lse,
             seq_len, q_heads, kv_heads, sel.lists.shape[1], sel.lists.shape[2], window,
             scale * LOG2E)
     fixed = dict(CAUSAL=causal, BM=cfg.block_m, HG=heads, D=dim,
@@ -226,8 +227,8 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.T
     o_dst = o if o.is_contiguous() else torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse_dst = lse if lse.is_contiguous() else torch.empty(lse.shape, dtype=lse.dtype,
                                                           device=lse.device)
-    grid, args, fixed = attention_launch(q, k, v, u, sel, window, causal, scale, cfg,
-                                         o_dst, lse_dst)
+    grid, args, fixed = attention_launch(q, k, v, sel, window, causal, scale, cfg, o_dst,
+                                         lse_dst)
     if config is None and q.is_cuda and TUNE:
         # Each new shape is tuned once per process, on its first call (outputs are
         # rewritten whole by every trial, so the trials leave nothing behind).

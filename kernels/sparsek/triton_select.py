@@ -67,6 +67,21 @@ def _newton_step(t, f, nmid, lo, hi, K):
 
 
 @triton.jit
+def _newton_advance(t, f, n_sat, n_mid, prev_sat, prev_mid, newton, lo, hi, it, K, MAXIT):
+    """Every solver's iteration: the stop test at t, then the step from it
+    -> (next t, lo, hi, newton, done); at done, t is the answer.
+
+    f = f(t), from n_sat saturated and n_mid middle scores. Done when: f hits K; a Newton
+    step landed on the piece it started from (same counts as before it: t is that piece's
+    root); the step settles or bisection cannot move; or MAXIT steps were taken."""
+    done = (newton & (n_sat == prev_sat) & (n_mid == prev_mid)) | (f == K) | (it >= MAXIT)
+    t_next, lo, hi, newton, settled = _newton_step(t, f, n_mid, lo, hi, K)
+    # Bisection that cannot move any more means lo and hi are adjacent floats.
+    done = done | settled | (t_next <= lo) | (t_next >= hi)
+    return t_next, lo, hi, newton, done
+
+
+@triton.jit
 def _move_cursor(z_ptr, sp_ptr, row, c, cnt, acc, t, P, S, STRICT: tl.constexpr,
                  CH: tl.constexpr):
     """Move cursor c so that ranks < c are exactly those with z > t (STRICT) or z >= t,
@@ -191,10 +206,8 @@ def _boundary_threshold(z_ptr, sp_ptr, row, z_k, P, S, K, MAXIT, CH: tl.constexp
         d = (s1 - s2) - n.to(tl.float64) * t.to(tl.float64)
         f = n2.to(tl.float64) + d
         d_mid = d.to(tl.float32)
-        done = (newton & (n2 == prev_a) & (n == prev_n)) | (f == K) | (it >= MAXIT)
-        t_next, lo, hi, newton, settled = _newton_step(t, f, n, lo, hi, K)
-        # Bisection that cannot move any more means lo and hi are adjacent floats.
-        done = done | settled | ((t_next <= lo) | (t_next >= hi))
+        t_next, lo, hi, newton, done = _newton_advance(t, f, n2, n, prev_a, prev_n, newton,
+                                                       lo, hi, it, K, MAXIT)
         prev_a, prev_n = n2, n
         t = tl.where(done, t, t_next)
         it += 1
@@ -442,9 +455,8 @@ def _causal_tau_slots(z_ptr, sp_ptr, row, P, p_f, p_i, lo_b, hi_b, c1_r, c1_u, c
         f = (s_all.to(tl.float64) + d_q.to(tl.float64)
              - l_q.to(tl.float64) * (t - lo_b).to(tl.float64)
              + (d_1 + d_2 + d_y).to(tl.float64))
-        done = (newton & (s_all == prev_s) & (n_all == prev_n)) | (f == K) | (it >= MAXIT)
-        t_next, lo, hi, newton, settled = _newton_step(t, f, n_all, lo, hi, K)
-        done = done | settled | (t_next <= lo) | (t_next >= hi)
+        t_next, lo, hi, newton, done = _newton_advance(t, f, s_all, n_all, prev_s, prev_n,
+                                                       newton, lo, hi, it, K, MAXIT)
         prev_s, prev_n = s_all, n_all
         active = active & (done == 0)
         t = tl.where(active, t_next, t)
@@ -493,9 +505,8 @@ def _block_causal_threshold(z_ptr, sp_ptr, u_ptr, p_g, p_f, p_i, row, P, n_g, sm
         n_all = lin + n_x + n_e
         f = (s_all.to(tl.float64) + lin_d.to(tl.float64)
              - lin.to(tl.float64) * (t - t_ref).to(tl.float64) + (d_x + d_e).to(tl.float64))
-        done = (newton & (s_all == prev_s) & (n_all == prev_n)) | (f == K) | (it >= MAXIT)
-        t_next, lo, hi, newton, settled = _newton_step(t, f, n_all, lo, hi, K)
-        done = done | settled | (t_next <= lo) | (t_next >= hi)
+        t_next, lo, hi, newton, done = _newton_advance(t, f, s_all, n_all, prev_s, prev_n,
+                                                       newton, lo, hi, it, K, MAXIT)
         prev_s, prev_n = s_all, n_all
         active = active & (done == 0)
         t = tl.where(active, t_next, t)

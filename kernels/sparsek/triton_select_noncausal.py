@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from sparsek.triton_select import _mid_terms, _newton_step, _outward, _store_selection
+from sparsek.triton_select import _mid_terms, _newton_advance, _outward, _store_selection
 
 
 @triton.jit
@@ -129,9 +129,8 @@ def _noncausal_threshold(z_ptr, zpre_ptr, row, row1, S, K, MAXIT, LOGS, big, z_c
         n_all = c_gt - c_ge1 - n_w
         f = (s_all.to(tl.float64) + zsum - (c_gt - c_ge1).to(tl.float64) * t.to(tl.float64)
              - d_w.to(tl.float64))
-        done = (newton & (s_all == prev_s) & (n_all == prev_n)) | (f == K) | (it >= MAXIT)
-        t_next, lo, hi, newton, settled = _newton_step(t, f, n_all, lo, hi, K)
-        done = done | settled | (t_next <= lo) | (t_next >= hi)
+        t_next, lo, hi, newton, done = _newton_advance(t, f, s_all, n_all, prev_s, prev_n,
+                                                       newton, lo, hi, it, K, MAXIT)
         prev_s, prev_n = s_all, n_all
         active = active & (done == 0)
         t = tl.where(active, t_next, t)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from sparsek.triton_select import _newton_step, _outward
+from sparsek.triton_select import _newton_advance, _outward
 
 
 @triton.jit
@@ -50,9 +50,8 @@ def _alive_threshold(a_z, valid, lo, hi, K, MAXIT):
         n_mid = tl.sum(m_mid.to(tl.int32), axis=0)
         d_mid = tl.sum(tl.where(m_mid, a_z - t, 0.0), axis=0)
         f = n_sat.to(tl.float64) + d_mid.to(tl.float64)
-        done = (newton & (n_sat == prev_s) & (n_mid == prev_n)) | (f == K) | (it >= MAXIT)
-        t_next, lo, hi, newton, settled = _newton_step(t, f, n_mid, lo, hi, K)
-        done = done | settled | (t_next <= lo) | (t_next >= hi)
+        t_next, lo, hi, newton, done = _newton_advance(t, f, n_sat, n_mid, prev_s, prev_n,
+                                                       newton, lo, hi, it, K, MAXIT)
         prev_s, prev_n = n_sat, n_mid
         t = tl.where(done, t, t_next)
         it += 1
