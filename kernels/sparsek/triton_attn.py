@@ -208,7 +208,7 @@ def _dense_gated(b_q, k_base, v_base, u_row, rank_row, o_j, m_j, o_d, q_pos, tau
 ATTN_CONFIGS = [
     triton.Config({"BN": bn}, num_warps=warps, num_stages=stages)
     for bn, warps, stages in ((32, 4, 2), (64, 4, 2), (64, 8, 2), (64, 8, 3), (32, 8, 3),
-                              (128, 8, 2))
+                              (128, 8, 2), (16, 4, 2))
 ]
 sparsek_attn_fwd_tuned = triton.autotune(
     configs=ATTN_CONFIGS, key=["S", "Hq", "Hkv", "K", "W", "CAUSAL", "BM", "HG", "D"],
