@@ -20,10 +20,7 @@ import triton
 from sparsek._checks import check_attention_inputs, check_out, check_triton_head_dim
 from sparsek.triton_attn import sparsek_attn_fwd_kernel, sparsek_attn_fwd_tuned
 from sparsek.triton_select import sparsek_block_causal_fwd_kernel, sparsek_boundary_fwd_kernel
-from sparsek.triton_select_noncausal import (
-    sparsek_block_noncausal_fwd_kernel,
-    sparsek_noncausal_row_tau_kernel,
-)
+from sparsek.triton_select_noncausal import sparsek_block_noncausal_fwd_kernel
 from sparsek.triton_select_scan import sparsek_causal_scan_kernel
 
 LOG2E = 1.4426950408889634
@@ -54,11 +51,6 @@ SCAN_MAX_LEN = 16384
 # Warps per scan program; None: one warp where rows fill the GPU several times over (its
 # reductions then need no barrier), four for fewer, longer-waited rows.
 SCAN_WARPS: int | None = None
-# Non-causal thresholds from one program per row holding the whole row in registers
-# (``sparsek_noncausal_row_tau_kernel``), where rows are short enough to hold and many
-# enough to fill the GPU; otherwise the block kernel solves them from the sort.
-ROW_TAU_MAX_LEN = 2048
-ROW_TAU_MIN_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -165,12 +157,8 @@ def _select_noncausal(scores, z, sp, rank, budget, window, cfg) -> Selection:
     nblk = triton.cdiv(seq_len, cfg.block_m)
     dev = scores.device
     lists = torch.empty((bh, nblk, budget), dtype=torch.int32, device=dev)
-    by_row = seq_len <= ROW_TAU_MAX_LEN and (bh >= ROW_TAU_MIN_ROWS or not scores.is_cuda)
-    if by_row:
-        zpre = z  # the block kernel leaves tau to the row kernel: no prefix sums read
-    else:
-        zpre = torch.zeros((bh, seq_len + 1), dtype=torch.float64, device=dev)
-        torch.cumsum(z.double(), dim=1, out=zpre[:, 1:])
+    zpre = torch.zeros((bh, seq_len + 1), dtype=torch.float64, device=dev)
+    torch.cumsum(z.double(), dim=1, out=zpre[:, 1:])
     tau, rk, cnt = _per_query(scores)
     # One program per block: its solver's binary searches are latency-bound, and more,
     # smaller programs only repeat them (measured 9x slower at 16 queries a program).
@@ -180,12 +168,7 @@ def _select_noncausal(scores, z, sp, rank, budget, window, cfg) -> Selection:
         MAX_NEWTON, seq_len.bit_length(), BM=cfg.block_m, BQ=sub,
         NW=max(16, triton.next_power_of_2(2 * window - 1)),
         NR=max(16, triton.next_power_of_2(cfg.block_m + 2 * window - 2)),
-        CH=min(cfg.chunk, 256), TAU=not by_row, num_warps=8 if sub >= 64 else 4)
-    if by_row:
-        width = triton.next_power_of_2(seq_len)
-        sparsek_noncausal_row_tau_kernel[(bh,)](
-            scores, z, rk, tau, seq_len, budget, window, MAX_NEWTON, SP=width, CH=32,
-            num_warps=max(1, min(4, width // 512)))
+        CH=min(cfg.chunk, 256), num_warps=8 if sub >= 64 else 4)
     return Selection(lists, rank, tau, rk, cnt, scores)
 
 

@@ -20,7 +20,7 @@ def sparsek_block_noncausal_fwd_kernel(
     z_ptr, sp_ptr, rank_ptr, zpre_ptr, u_ptr, g_ptr, tau_ptr, rk_ptr, cnt_ptr,
     S, NBLK, K, W, MAXIT, LOGS,
     BM: tl.constexpr, BQ: tl.constexpr, NW: tl.constexpr, NR: tl.constexpr,
-    CH: tl.constexpr, TAU: tl.constexpr = True,
+    CH: tl.constexpr,
 ):
     """Non-causal selection of one block: list g [BH, NBLK, K], tau, rk and cnt [BH, S].
 
@@ -28,8 +28,7 @@ def sparsek_block_noncausal_fwd_kernel(
     threshold equation is the all-positions sum (from the sort's prefix sums) minus at
     most 2W - 1 window terms. The block's base is everything outside the union of its
     windows, ``[i0 - W + 1, i0 + BM + W - 2]``. A program handles BQ of the block's queries;
-    the first of them also writes the block's list. Without TAU the thresholds are left to
-    ``sparsek_noncausal_row_tau_kernel``, run next (meanwhile a query with more than K candidates holds its K-th best score).
+    the first of them also writes the block's list.
     """
     NSUB: tl.constexpr = BM // BQ
     i_blk = tl.program_id(0) // NSUB
@@ -66,13 +65,10 @@ def sparsek_block_noncausal_fwd_kernel(
     r_in = tl.load(rank_ptr + row + o_r, mask=o_r <= r_hi, other=S + 1)
     cnt = rk + 1 - tl.sum((r_in[None, :] <= rk[:, None]).to(tl.int32), axis=1)
     z_cut = tl.load(z_ptr + row + rk, mask=big, other=0.0)
-    if TAU:
-        u_w = tl.load(u_ptr + row + w_pos, mask=m_w, other=float("-inf"))
-        row1 = i_bh.to(tl.int64) * (S + 1)
-        tau = _noncausal_threshold(z_ptr, zpre_ptr, row, row1, S, K, MAXIT, LOGS, big,
-                                   z_cut, u_w, BQ)
-    else:
-        tau = tl.where(big, z_cut, float("-inf"))
+    u_w = tl.load(u_ptr + row + w_pos, mask=m_w, other=float("-inf"))
+    row1 = i_bh.to(tl.int64) * (S + 1)
+    tau = _noncausal_threshold(z_ptr, zpre_ptr, row, row1, S, K, MAXIT, LOGS, big, z_cut,
+                               u_w, BQ)
     _store_selection(tau_ptr, rk_ptr, cnt_ptr, row, q_pos, m_q, big, tau, rk, cnt, n_g, S)
 
 
@@ -140,69 +136,3 @@ def _noncausal_threshold(z_ptr, zpre_ptr, row, row1, S, K, MAXIT, LOGS, big, z_c
         t = tl.where(active, t_next, t)
         it += 1
     return tl.where(big, t, float("-inf"))
-
-
-@triton.jit
-def sparsek_noncausal_row_tau_kernel(u_ptr, z_ptr, rk_ptr, tau_ptr, S, K, W, MAXIT,
-                                     SP: tl.constexpr, CH: tl.constexpr):
-    """tau [BH, S] of one row's queries that have more than K candidates, with the whole
-    row's scores held in registers (S <= SP), after the block kernel wrote the cuts rk.
-
-    Neighbouring queries' candidate sets differ by one score in and one out, so their
-    thresholds are close: each query's Newton starts from the previous root, clamped to
-    its own bracket ``[z_K - 1, z_K]``, and most often lands on the root's linear piece at
-    once. Each step sums ``clip(u - t, 0, 1)`` over the row directly: no binary search of
-    the sort, no dependent loads.
-    """
-    i_bh = tl.program_id(0)
-    row = i_bh.to(tl.int64) * S
-    o = tl.arange(0, SP)
-    a_u = tl.load(u_ptr + row + o, mask=o < S, other=float("-inf"))
-    o_ch = tl.arange(0, CH)
-    t_prev = tl.sum(tl.zeros([CH], tl.float32), axis=0) + float("-inf")
-    for c0 in range(0, S, CH):
-        q = c0 + o_ch
-        m_q = q < S
-        n_w = tl.maximum(tl.minimum(q + W - 1, S - 1) - tl.maximum(q - W + 1, 0) + 1, 0)
-        big = m_q & (S - n_w > K)
-        rk_c = tl.load(rk_ptr + row + q, mask=big, other=0)
-        zk_c = tl.load(z_ptr + row + rk_c, mask=big, other=0.0)
-        o_tau = tl.zeros([CH], tl.float32)
-        for k in range(0, tl.minimum(CH, S - c0)):
-            at_k = o_ch == k
-            if tl.sum((at_k & big).to(tl.int32), axis=0) > 0:
-                z_k = tl.sum(tl.where(at_k, zk_c, 0.0), axis=0)
-                i = c0 + k
-                cand = (o < S) & ((o >= i + W) | (o <= i - W))
-                t = _row_threshold(a_u, cand, z_k, t_prev, K, MAXIT)
-                o_tau = tl.where(at_k, t, o_tau)
-                t_prev = t
-        tl.store(tau_ptr + row + q, o_tau, mask=big)
-
-
-@triton.jit
-def _row_threshold(a_u, cand, z_k, t0, K, MAXIT):
-    """Root of ``sum over cand of clip(u - t, 0, 1) = K`` in [z_k - 1, z_k], from t0."""
-    lo, hi = _outward(z_k - 1.0, z_k)
-    t = tl.minimum(tl.maximum(t0, lo), hi)
-    zero = (K * 0).to(tl.int32)
-    prev_s, prev_n = zero - 1, zero - 1
-    newton = zero != 0
-    it = zero
-    go = zero == 0
-    while go:
-        t1 = t + 1.0
-        m_sat = cand & (a_u >= t1)
-        m_mid = cand & (a_u > t) & (a_u < t1)
-        n_sat = tl.sum(m_sat.to(tl.int32), axis=0)
-        n_mid = tl.sum(m_mid.to(tl.int32), axis=0)
-        d_mid = tl.sum(tl.where(m_mid, a_u.to(tl.float64) - t.to(tl.float64), 0.0), axis=0)
-        f = n_sat.to(tl.float64) + d_mid
-        t_next, lo, hi, newton, done = _newton_advance(t, f, n_sat, n_mid, prev_s, prev_n,
-                                                       newton, lo, hi, it, K, MAXIT)
-        prev_s, prev_n = n_sat, n_mid
-        t = tl.where(done, t, t_next)
-        it += 1
-        go = done == 0
-    return t
-

@@ -110,7 +110,7 @@ def test_ties_and_dense_limits(make_inputs, causal):
 
 # The causal selection's two paths: the per-row scan (forced even for few rows) and the
 # per-query kernels (scan off).
-PATHS = [(False, "per-row"), (False, "per-block"), (True, "scan"), (True, "per-query")]
+PATHS = [(False, "per-block"), (True, "scan"), (True, "per-query")]
 
 
 def _force_path(monkeypatch, path: str) -> None:
@@ -120,10 +120,6 @@ def _force_path(monkeypatch, path: str) -> None:
         monkeypatch.setattr(triton_fwd, "SCAN_MIN_ROWS", 1)
     elif path == "per-query":
         monkeypatch.setattr(triton_fwd, "SCAN_SLOTS", 0)
-    elif path == "per-row":
-        monkeypatch.setattr(triton_fwd, "ROW_TAU_MIN_ROWS", 1)
-    elif path == "per-block":
-        monkeypatch.setattr(triton_fwd, "ROW_TAU_MAX_LEN", 0)
 
 
 @pytest.mark.parametrize(("B", "Hq", "Hkv", "S", "D", "K", "W", "causal", "dtype"), [

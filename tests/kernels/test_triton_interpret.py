@@ -161,9 +161,8 @@ def _check_selection(u: torch.Tensor, K: int, W: int, causal: bool) -> None:
 
 
 # Causal selection runs two ways: the per-row scan, or (scan off: no slots) the per-query
-# kernels that also redo any row the scan gives back. Non-causal thresholds too: by a
-# program per row holding the row, or (rows off) by the block kernel from the sort.
-PATHS = [(False, "per-row"), (False, "per-block"), (True, "scan"), (True, "per-query")]
+# kernels that also redo any row the scan gives back.
+PATHS = [(False, "per-block"), (True, "scan"), (True, "per-query")]
 
 
 @pytest.mark.parametrize(("causal", "path"), PATHS)
@@ -173,8 +172,6 @@ def test_selection_matches_the_mask(seed, monkeypatch, pattern, causal, path):
 
     if path == "per-query":
         monkeypatch.setattr(triton_fwd, "SCAN_SLOTS", 0)
-    if path == "per-block":
-        monkeypatch.setattr(triton_fwd, "ROW_TAU_MAX_LEN", 0)
     u = SCORE_PATTERNS[pattern](torch.Generator().manual_seed(seed), 100).contiguous()
     _check_selection(u, 9, 4, causal)
 
