@@ -254,13 +254,18 @@ def _cut_from_extras(g_ptr, rank_ptr, row, n_g, K, m_e, r_e, LOGK: tl.constexpr,
 
 
 @triton.jit
-def _mid_terms(b_z, t, t1):
+def _mid_terms(b_z, t, t1, F64: tl.constexpr = False):
     """Per row of t [BM]: (#{z >= t1}, #{t < z < t1}, sum (z - t) over the latter) over the
-    scores b_z [BM, N] or [1, N]; absent entries hold -inf, which never counts."""
+    scores b_z [BM, N] or [1, N]; absent entries hold -inf, which never counts. F64 sums
+    in float64, for a sum that is later taken from a larger one."""
     m_sat = b_z >= t1[:, None]
     m_mid = (b_z > t[:, None]) & (b_z < t1[:, None])
+    if F64:
+        d = tl.where(m_mid, b_z.to(tl.float64) - t[:, None].to(tl.float64), 0.0)
+    else:
+        d = tl.where(m_mid, b_z - t[:, None], 0.0)
     return (tl.sum(m_sat.to(tl.int32), axis=1), tl.sum(m_mid.to(tl.int32), axis=1),
-            tl.sum(tl.where(m_mid, b_z - t[:, None], 0.0), axis=1))
+            tl.sum(d, axis=1))
 
 
 @triton.jit

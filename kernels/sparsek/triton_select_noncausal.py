@@ -124,7 +124,9 @@ def _noncausal_threshold(z_ptr, zpre_ptr, row, row1, S, K, MAXIT, LOGS, big, z_c
         c_ge1 = _count_above(z_ptr, row, t1, S, LOGS, False, BM)
         zsum = (tl.load(zpre_ptr + row1 + c_gt, mask=active, other=0.0)
                 - tl.load(zpre_ptr + row1 + c_ge1, mask=active, other=0.0))
-        s_w, n_w, d_w = _mid_terms(u_w, t, t1)
+        # The window's terms are taken from the whole row's: summed in float32 they would
+        # lose the difference where the window holds most of the row (W near S / 2).
+        s_w, n_w, d_w = _mid_terms(u_w, t, t1, True)
         s_all = c_ge1 - s_w
         n_all = c_gt - c_ge1 - n_w
         f = (s_all.to(tl.float64) + zsum - (c_gt - c_ge1).to(tl.float64) * t.to(tl.float64)

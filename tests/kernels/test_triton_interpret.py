@@ -176,6 +176,16 @@ def test_selection_matches_the_mask(seed, monkeypatch, pattern, causal, path):
     _check_selection(u, 9, 4, causal)
 
 
+@pytest.mark.parametrize("pattern", ["randn", "ties"])
+def test_noncausal_window_half_the_row_keeps_the_threshold_exact(seed, pattern):
+    # W = S / 2 leaves a middle query a handful of candidates: its equation is the whole
+    # row's sum less a window sum of 599 terms, which must not lose the difference.
+    g = torch.Generator().manual_seed(seed)
+    u = (torch.randn(2, 1, 600, generator=g) if pattern == "randn"
+         else torch.randint(0, 3, (2, 1, 600), generator=g).float() * 0.5)
+    _check_selection(u, 9, 300, False)
+
+
 def test_custom_op_passes_opcheck(make_inputs):
     from sparsek import op
 
