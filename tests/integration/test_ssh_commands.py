@@ -46,6 +46,17 @@ def test_every_value_reaches_the_remote_command_unchanged(hosts, tmp_path) -> No
     assert not list(alpha.remote_path.parent.rglob("pwned"))
 
 
+def test_a_connection_opened_before_its_with_block_connects_once(hosts, tmp_path) -> None:
+    # The run flow opens a connection, then uses it in a with block: that must keep the
+    # one link, not open a second and leave the first one behind, still connected.
+    conn = connect(hosts["alpha"], tmp_path)
+    link = conn._transport
+    with conn as same:
+        assert same is conn and conn._transport is link
+        assert conn.run(["true"], what="checking").ok
+    assert conn._transport is None and not link.is_active()
+
+
 def test_bytes_travel_both_ways_intact(hosts, tmp_path) -> None:
     alpha = hosts["alpha"]
     payload = bytes(range(256)) * 4099  # about 1 MiB, every byte value

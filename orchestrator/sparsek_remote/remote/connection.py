@@ -88,7 +88,8 @@ class Connection:
         self._home: str | None = None
 
     def __enter__(self) -> Connection:
-        self.open()
+        if self._transport is None:  # ``with conn.open():`` must not connect twice
+            self.open()
         return self
 
     def __exit__(self, *exc: object) -> None:
