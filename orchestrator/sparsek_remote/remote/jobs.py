@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from sparsek_remote.errors import RemoteError
 from sparsek_remote.remote import jobscript
-from sparsek_remote.remote.commands import quote_argv
+from sparsek_remote.remote.commands import quote_argv, sh_argv
 from sparsek_remote.remote.connection import Connection, disk_full_hint
 from sparsek_remote.remote.transfer import upload_bytes
 
@@ -37,6 +37,15 @@ _POLL_CHUNK = 256 * 1024
 LONG_POLL_S = 1.0
 _TICK_S = 0.05
 _INFO_RE = re.compile(r"(\w+)=(\S+)")
+# A launch is two round trips (plus the job script's upload, the first time on a host):
+# this one makes the run folder and reports the free space and whether the script is
+# there; the next writes the job file and starts the job. Over a rented host's link each
+# round trip is a few hundred milliseconds of the run's overhead.
+_PREPARE = ('mkdir -p "$1/bin" "$2" || exit 1\n'
+            'df -Pk "$1" || exit 1\n'
+            'if test -f "$3"; then echo "script=present"; fi')
+_WRITE_AND_START = ('f=$1; shift\n'
+                    'cat > "$f.partial" && mv -f "$f.partial" "$f" && exec sh "$@"')
 
 Event = dict[str, Any]
 JobState = Literal["running", "finished", "lost", "missing"]
@@ -122,17 +131,21 @@ def launch(conn: Connection, job: RemoteJob, *, job_json: str, argv: Sequence[st
 
     Refused with ``RemoteError`` when the host is locked by another run (the
     message names it) or has less than ``MIN_FREE_BYTES`` free."""
-    conn.run(["mkdir", "-p", f"{job.remote_dir}/bin", job.run_dir],
-             what="making the run folder")
-    check_free_space(conn, job.remote_dir)
-    _ensure_script(conn, job)
-    upload_bytes(conn, job_json.encode("utf-8"), f"{job.run_dir}/{JOB_NAME}",
-                 what="sending the job")
+    prepared = conn.run(sh_argv(_PREPARE, job.remote_dir, job.run_dir, job.script),
+                        what="making the run folder")
+    report = prepared.text.strip().splitlines()
+    has_script = "script=present" in report
+    _enough_space(conn, job.remote_dir, [line for line in report if line != "script=present"])
+    if not has_script:
+        upload_bytes(conn, jobscript.SCRIPT.encode("utf-8"), job.script,
+                     what="installing the job script")
     if cancel:
         upload_bytes(conn, (quote_argv(cancel) + "\n").encode("utf-8"),
                      f"{job.run_dir}/cancel.sh", what="sending the cancel command")
-    result = conn.run(["sh", job.script, "start", job.remote_dir, job.run_dir, job.run_id,
-                       str(max(1, int(limit_s))), *argv], what="starting the job", check=False)
+    start = [job.script, "start", job.remote_dir, job.run_dir, job.run_id,
+             str(max(1, int(limit_s))), *argv]  # the job script's words, after its sh
+    result = conn.run(sh_argv(_WRITE_AND_START, f"{job.run_dir}/{JOB_NAME}", *start),
+                      stdin=job_json.encode("utf-8"), what="starting the job", check=False)
     if result.exit_code == jobscript.LOCKED_EXIT:
         conn.run(["rm", "-rf", job.run_dir], what="removing the unused run folder",
                  check=False)
@@ -146,11 +159,18 @@ def check_free_space(conn: Connection, remote_dir: str,
                      min_bytes: int = MIN_FREE_BYTES) -> int:
     """Free bytes under ``remote_dir``; ``RemoteError`` when fewer than ``min_bytes``."""
     result = conn.run(["df", "-Pk", remote_dir], what="checking free disk space")
+    return _enough_space(conn, remote_dir, result.text.strip().splitlines(), min_bytes)
+
+
+def _enough_space(conn: Connection, remote_dir: str, df_lines: list[str],
+                  min_bytes: int = MIN_FREE_BYTES) -> int:
+    """Free bytes from ``df -Pk``'s lines; ``RemoteError`` when fewer than min_bytes."""
     try:
-        free = int(result.text.strip().splitlines()[-1].split()[3]) * 1024
+        free = int(df_lines[-1].split()[3]) * 1024
     except (IndexError, ValueError):
+        printed = "\n".join(df_lines)
         raise RemoteError(f"host {conn.alias!r}: df printed something unexpected: "
-                          f"{result.text.strip()[:200]!r}") from None
+                          f"{printed[:200]!r}") from None
     if free < min_bytes:
         raise RemoteError(
             f"host {conn.alias!r}: only {free / 2**20:.1f} MiB are free under "
