@@ -95,17 +95,40 @@ def sparsek_attn_fwd_kernel(
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, D], tl.float32)
 
-    # Gathered pass: list entry n is selected by the queries with n < cnt. Tiles that every
-    # query selects whole need no mask: their gate is min(u - tau, 1), positive since each
-    # selected score is above its query's threshold.
     p_g = g_ptr + (i_bh.to(tl.int64) * NBG + i_blk) * K
+    m_i, l_i, acc = _list_pass(b_q, k_base, v_base, u_ptr + kv_row, p_g, tau, cnt, m_q, K,
+                               qk_scale, m_i, l_i, acc, BN, D, PREC, UPCAST)
+    m_i, l_i, acc = _dense_pass(b_q, k_base, v_base, u_ptr + kv_row, rank_ptr + kv_row, q_pos,
+                                tau, rk, i0, i1, S, W, qk_scale, m_i, l_i, acc, CAUSAL, BM, BN,
+                                D, PREC, UPCAST)
+
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
+    lse = tl.where(has, (m_use + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    tl.store(o_ptr + q_base + q_off[:, None] + o_d[None, :], o.to(o_ptr.dtype.element_ty),
+             mask=m_q[:, None])
+    lse_base = (i_b * Hq + head0).to(tl.int64) * S
+    tl.store(lse_ptr + lse_base + (o_m // BM) * S + q_pos, lse, mask=m_q)
+
+
+@triton.jit
+def _list_pass(b_q, k_base, v_base, u_row, p_g, tau, cnt, m_q, K, qk_scale, m_i, l_i, acc,
+               BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Fold the block's list (positions at p_g, best first) into the running state.
+
+    List entry n is selected by the queries with n < cnt. Tiles that every query selects
+    whole need no mask: their gate is min(u - tau, 1), positive since each selected score
+    is above its query's threshold."""
+    o_d = tl.arange(0, D)
     n_sel = tl.max(cnt, axis=0)
     n_all = (tl.min(tl.where(m_q, cnt, K), axis=0) // BN) * BN
     for n0 in range(0, n_all, BN):
         pos = tl.load(p_g + n0 + tl.arange(0, BN))
         b_k = _rows(k_base, pos, o_d, None, D)
         b_v = _rows(v_base, pos, o_d, None, D)
-        b_u = tl.load(u_ptr + kv_row + pos)
+        b_u = tl.load(u_row + pos)
         x = _dot(b_q, tl.trans(b_k), PREC, UPCAST) * qk_scale
         g = tl.minimum(tl.maximum(b_u[None, :] - tau[:, None], 0.0), 1.0)
         m_i, l_i, acc = _fold(x, g, m_i, l_i, acc, b_v, PREC, UPCAST, True)
@@ -115,20 +138,30 @@ def sparsek_attn_fwd_kernel(
         pos = tl.load(p_g + o_n, mask=m_n, other=0)
         b_k = _rows(k_base, pos, o_d, m_n, D)
         b_v = _rows(v_base, pos, o_d, m_n, D)
-        b_u = tl.load(u_ptr + kv_row + pos, mask=m_n, other=0.0)
+        b_u = tl.load(u_row + pos, mask=m_n, other=0.0)
         g = tl.minimum(tl.maximum(b_u[None, :] - tau[:, None], 0.0), 1.0)
         g = tl.where(o_n[None, :] < cnt[:, None], g, 0.0)
         x = _dot(b_q, tl.trans(b_k), PREC, UPCAST) * qk_scale
         x = tl.where(g > 0, x, float("-inf"))
         m_i, l_i, acc = _fold(x, g, m_i, l_i, acc, b_v, PREC, UPCAST, True)
+    return m_i, l_i, acc
 
-    # Dense pass over the block's range [j_lo, j_hi]: window pairs, and the extras above
-    # the cut. Its tiles are aligned to i0 and fall into three runs, cheapest in the middle:
-    #   [j_start, t1): keys that are candidates of some query: gates from the selection;
-    #   [t1, t2): keys in every query's window (j in (i1 - W, i0], non-causal also up to
-    #            i0 + W - 1) and in range: gate 1, no mask;
-    #   [t2, j_hi]: causal: the diagonal, window keys only, masked by position; non-causal:
-    #            the candidates beyond the window, as in the first run.
+
+@triton.jit
+def _dense_pass(b_q, k_base, v_base, u_row, rank_row, q_pos, tau, rk, i0, i1, S, W, qk_scale,
+                m_i, l_i, acc, CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Fold the dense range [j_lo, j_hi] of the block's queries i0..i1 into the running
+    state: window pairs, and the extras above the cut. Its tiles are aligned to i0 and
+    fall into three runs, cheapest in the middle:
+
+    - [j_start, t1): keys that are candidates of some query: gates from the selection;
+    - [t1, t2): keys in every query's window (j in (i1 - W, i0], non-causal also up to
+      i0 + W - 1) and in range: gate 1, no mask;
+    - [t2, j_hi]: causal: the diagonal, window keys only, masked by position;
+      non-causal: the candidates beyond the window, as in the first run.
+    """
+    o_d = tl.arange(0, D)
     j_lo = tl.maximum(i0 - W + 1, 0)
     if CAUSAL:
         j_hi = i1
@@ -143,9 +176,9 @@ def sparsek_attn_fwd_kernel(
     for j0 in range(j_start, t1, BN):
         o_j = j0 + tl.arange(0, BN)
         m_j = (o_j >= j_lo) & (o_j <= j_hi)
-        m_i, l_i, acc = _dense_gated(b_q, k_base, v_base, u_ptr + kv_row, rank_ptr + kv_row,
-                                     o_j, m_j, o_d, q_pos, tau, rk, W, qk_scale, m_i, l_i,
-                                     acc, CAUSAL, D, PREC, UPCAST)
+        m_i, l_i, acc = _dense_gated(b_q, k_base, v_base, u_row, rank_row, o_j, m_j, o_d,
+                                     q_pos, tau, rk, W, qk_scale, m_i, l_i, acc, CAUSAL, D,
+                                     PREC, UPCAST)
     for j0 in range(t1, t2, BN):
         o_j = j0 + tl.arange(0, BN)
         b_k = _rows(k_base, o_j, o_d, None, D)
@@ -163,19 +196,10 @@ def sparsek_attn_fwd_kernel(
             x = tl.where(keep, x, float("-inf"))
             m_i, l_i, acc = _fold(x, 0.0, m_i, l_i, acc, b_v, PREC, UPCAST, False)
         else:
-            m_i, l_i, acc = _dense_gated(b_q, k_base, v_base, u_ptr + kv_row,
-                                         rank_ptr + kv_row, o_j, m_j, o_d, q_pos, tau, rk, W,
-                                         qk_scale, m_i, l_i, acc, CAUSAL, D, PREC, UPCAST)
-
-    has = l_i > 0
-    o = acc / tl.where(has, l_i, 1.0)[:, None]
-    m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
-    lse = tl.where(has, (m_use + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453,
-                   float("-inf"))
-    tl.store(o_ptr + q_base + q_off[:, None] + o_d[None, :], o.to(o_ptr.dtype.element_ty),
-             mask=m_q[:, None])
-    lse_base = (i_b * Hq + head0).to(tl.int64) * S
-    tl.store(lse_ptr + lse_base + (o_m // BM) * S + q_pos, lse, mask=m_q)
+            m_i, l_i, acc = _dense_gated(b_q, k_base, v_base, u_row, rank_row, o_j, m_j,
+                                         o_d, q_pos, tau, rk, W, qk_scale, m_i, l_i, acc,
+                                         CAUSAL, D, PREC, UPCAST)
+    return m_i, l_i, acc
 
 
 @triton.jit
