@@ -95,9 +95,9 @@ def test_ties_in_scores_follow_the_smaller_position(make_inputs, causal):
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_logits_far_apart_rescale_the_running_sums(make_inputs, causal):
-    # A large scale spreads the logits over hundreds of log2 units, so a row's maximum
-    # keeps outgrowing the reference its weights are taken against (RESCALE_AT) from tile
-    # to tile, in the list, the dense range and the window-only tiles alike.
+    # A large scale spreads the logits over a hundred log2 units, so a row's running
+    # maximum keeps rising from tile to tile and the sums taken against the old one must
+    # be rescaled, in the list, the dense range and the window-only tiles alike.
     x = make_inputs(q_heads=2, kv_heads=1, seq_len=200, dim=64, dtype=F32)
     check_against_reference(x, F32, kv_budget=12, window=70, causal=causal, scale=2.0)
 
