@@ -54,6 +54,15 @@ def _rows(base, pos, o_d, mask, D: tl.constexpr):
 
 
 @triton.jit
+def _tile(b_q, k_base, v_base, pos, o_d, mask, qk_scale, D: tl.constexpr,
+          PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """(logits [M, BN] in log2 units, values [BN, D]) of the keys at rows pos."""
+    b_k = _rows(k_base, pos, o_d, mask, D)
+    b_v = _rows(v_base, pos, o_d, mask, D)
+    return _dot(b_q, tl.trans(b_k), PREC, UPCAST) * qk_scale, b_v
+
+
+@triton.jit
 def sparsek_attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, tau_ptr, rk_ptr, cnt_ptr, o_ptr, lse_ptr,
     S, Hq, Hkv, NBG, K, W, qk_scale,
@@ -126,22 +135,18 @@ def _list_pass(b_q, k_base, v_base, u_row, p_g, tau, cnt, m_q, K, qk_scale, m_i,
     n_all = (tl.min(tl.where(m_q, cnt, K), axis=0) // BN) * BN
     for n0 in range(0, n_all, BN):
         pos = tl.load(p_g + n0 + tl.arange(0, BN))
-        b_k = _rows(k_base, pos, o_d, None, D)
-        b_v = _rows(v_base, pos, o_d, None, D)
+        x, b_v = _tile(b_q, k_base, v_base, pos, o_d, None, qk_scale, D, PREC, UPCAST)
         b_u = tl.load(u_row + pos)
-        x = _dot(b_q, tl.trans(b_k), PREC, UPCAST) * qk_scale
         g = tl.minimum(tl.maximum(b_u[None, :] - tau[:, None], 0.0), 1.0)
         m_i, l_i, acc = _fold(x, g, m_i, l_i, acc, b_v, PREC, UPCAST, True)
     for n0 in range(n_all, n_sel, BN):
         o_n = n0 + tl.arange(0, BN)
         m_n = o_n < n_sel
         pos = tl.load(p_g + o_n, mask=m_n, other=0)
-        b_k = _rows(k_base, pos, o_d, m_n, D)
-        b_v = _rows(v_base, pos, o_d, m_n, D)
+        x, b_v = _tile(b_q, k_base, v_base, pos, o_d, m_n, qk_scale, D, PREC, UPCAST)
         b_u = tl.load(u_row + pos, mask=m_n, other=0.0)
         g = tl.minimum(tl.maximum(b_u[None, :] - tau[:, None], 0.0), 1.0)
         g = tl.where(o_n[None, :] < cnt[:, None], g, 0.0)
-        x = _dot(b_q, tl.trans(b_k), PREC, UPCAST) * qk_scale
         x = tl.where(g > 0, x, float("-inf"))
         m_i, l_i, acc = _fold(x, g, m_i, l_i, acc, b_v, PREC, UPCAST, True)
     return m_i, l_i, acc
@@ -181,17 +186,13 @@ def _dense_pass(b_q, k_base, v_base, u_row, rank_row, q_pos, tau, rk, i0, i1, S,
                                      PREC, UPCAST)
     for j0 in range(t1, t2, BN):
         o_j = j0 + tl.arange(0, BN)
-        b_k = _rows(k_base, o_j, o_d, None, D)
-        b_v = _rows(v_base, o_j, o_d, None, D)
-        x = _dot(b_q, tl.trans(b_k), PREC, UPCAST) * qk_scale
+        x, b_v = _tile(b_q, k_base, v_base, o_j, o_d, None, qk_scale, D, PREC, UPCAST)
         m_i, l_i, acc = _fold(x, 0.0, m_i, l_i, acc, b_v, PREC, UPCAST, False)
     for j0 in range(t2, j_hi + 1, BN):
         o_j = j0 + tl.arange(0, BN)
         m_j = o_j <= j_hi
         if CAUSAL:
-            b_k = _rows(k_base, o_j, o_d, m_j, D)
-            b_v = _rows(v_base, o_j, o_d, m_j, D)
-            x = _dot(b_q, tl.trans(b_k), PREC, UPCAST) * qk_scale
+            x, b_v = _tile(b_q, k_base, v_base, o_j, o_d, m_j, qk_scale, D, PREC, UPCAST)
             keep = (q_pos[:, None] >= o_j[None, :]) & m_j[None, :]
             x = tl.where(keep, x, float("-inf"))
             m_i, l_i, acc = _fold(x, 0.0, m_i, l_i, acc, b_v, PREC, UPCAST, False)
@@ -208,11 +209,9 @@ def _dense_gated(b_q, k_base, v_base, u_row, rank_row, o_j, m_j, o_d, q_pos, tau
                  PREC: tl.constexpr, UPCAST: tl.constexpr):
     """One tile of the dense range where some keys are candidates: window pairs get gate 1,
     candidates ranked within a query's cut get clip(u - tau, 0, 1), the rest nothing."""
-    b_k = _rows(k_base, o_j, o_d, m_j, D)
-    b_v = _rows(v_base, o_j, o_d, m_j, D)
+    x, b_v = _tile(b_q, k_base, v_base, o_j, o_d, m_j, qk_scale, D, PREC, UPCAST)
     b_u = tl.load(u_row + o_j, mask=m_j, other=0.0)
     b_r = tl.load(rank_row + o_j, mask=m_j, other=2**31 - 1)
-    x = _dot(b_q, tl.trans(b_k), PREC, UPCAST) * qk_scale
     dist = q_pos[:, None] - o_j[None, :]
     if CAUSAL:
         win = (dist >= 0) & (dist < W)
