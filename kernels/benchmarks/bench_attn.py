@@ -20,17 +20,17 @@ import math
 import sys
 
 import torch
+from bench_sparsek import SHAPES as BAR_SHAPES
 
 from sparsek import triton_attn, triton_fwd
 from sparsek.runner.metrics import attended_pairs
 
 # name: (B, Hq, Hkv, S, D, K, W, causal): the three shapes of the speed bars.
-SHAPES = {
-    "seed": (16, 96, 96, 512, 64, 64, 32, False),
-    "gpt4-4k": (16, 96, 96, 4096, 128, 256, 256, True),
-    "long-64k": (1, 32, 8, 65536, 128, 2048, 512, True),
-}
-TILES = "32x4x2,64x4x2,64x8x2,64x8x3,128x8x2"
+SHAPES = {s["name"]: tuple(s[k] for k in ("B", "Hq", "Hkv", "S", "D", "kv_budget", "window",
+                                          "causal")) for s in BAR_SHAPES}
+# By default, every tile the tuner may pick.
+TILES = ",".join(f"{c.kwargs['BN']}x{c.num_warps}x{c.num_stages}"
+                 for c in triton_attn.ATTN_CONFIGS)
 
 
 def _load_baseline(path: str):
