@@ -4,11 +4,13 @@ For each query block (``--blocks``: queries x GQA heads per program; the forward
 default when not given) the selection is made once; then the current kernel, and with
 ``--baseline FILE`` the kernel of another copy of ``triton_attn.py`` (an A/B of a kernel
 change on the same card in one run), run on it with each tile (keys per step x warps x
-pipeline stages). Every output is compared with the shape's first one. Median of
+pipeline stages, and optionally a cap on registers per thread, ``maxnreg``, so that more
+programs fit on an SM). Every output is compared with the shape's first one; the table
+shows the registers and spills of each compiled tile. Median of
 ``triton.testing.do_bench`` (L2 cleared before each call).
 
 Usage: python kernels/benchmarks/bench_attn.py [--cases gpt4-4k,long-64k]
-       [--blocks 128x1,64x1] [--tiles 32x4x2,64x8x2] [--baseline old_triton_attn.py]
+       [--blocks 128x1,64x1] [--tiles 32x4x2,64x8x2,32x4x2x168] [--baseline old_triton_attn.py]
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ SHAPES = {s["name"]: tuple(s[k] for k in ("B", "Hq", "Hkv", "S", "D", "kv_budget
                                           "causal")) for s in BAR_SHAPES}
 # By default, every tile the tuner may pick.
 TILES = ",".join(f"{c.kwargs['BN']}x{c.num_warps}x{c.num_stages}"
-                 for c in triton_attn.ATTN_CONFIGS)
+                 + (f"x{c.maxnreg}" if c.maxnreg else "") for c in triton_attn.ATTN_CONFIGS)
 
 
 def _load_baseline(path: str):
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="gpt4-4k,long-64k")
     parser.add_argument("--tiles", default=TILES,
-                        help="BNxWARPSxSTAGES, comma-separated")
+                        help="BNxWARPSxSTAGES[xMAXNREG], comma-separated")
     parser.add_argument("--blocks", default="",
                         help="BMxHEADS, comma-separated (default: the forward's)")
     parser.add_argument("--baseline", help="another triton_attn.py to time as 'baseline'")
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         kernels["baseline"] = _load_baseline(args.baseline)
     tiles = [tuple(int(n) for n in t.split("x")) for t in args.tiles.split(",")]
     print(f"{'shape':9} {'block':6} {'kernel':8} {'tile':8} {'median ms':>9} {'computed TF/s':>13} "
-          f"{'attended TF/s':>13} {'diff':>8}")
+          f"{'attended TF/s':>13} {'diff':>8} {'regs':>4} {'spills':>6}")
     for name in args.cases.split(","):
         B, Hq, Hkv, S, D, K, W, causal = SHAPES[name]
         gen = torch.Generator(device="cuda").manual_seed(0)
@@ -91,18 +93,21 @@ def main(argv: list[str] | None = None) -> int:
             sel = triton_fwd.select(u, K, W, causal, cfg)
             computed = flops * _computed_keys(S, K, W, causal, block_m)
             for kname, kernel in kernels.items():
-                for bn, warps, stages in tiles:
+                for bn, warps, stages, *cap in tiles:
+                    regs = {"maxnreg": cap[0]} if cap else {}
                     o = torch.full_like(q, float("nan"))
                     grid, a, fixed = triton_fwd.attention_launch(q, k, v, sel, W, causal,
                                                                  D ** -0.5, cfg, o, lse)
 
                     def run(kernel=kernel, grid=grid, a=a, fixed=fixed, bn=bn, warps=warps,
-                            stages=stages):
-                        kernel[grid](*a, **fixed, BN=bn, num_warps=warps, num_stages=stages)
+                            stages=stages, regs=regs):
+                        return kernel[grid](*a, **fixed, BN=bn, num_warps=warps,
+                                            num_stages=stages, **regs)
 
-                    label = f"{name:9} {block_m}x{heads:<3} {kname:8} {bn}x{warps}x{stages:<4}"
+                    tile = "x".join(str(n) for n in (bn, warps, stages, *cap))
+                    label = f"{name:9} {block_m}x{heads:<3} {kname:8} {tile:<8}"
                     try:
-                        run()
+                        compiled = run()
                         torch.cuda.synchronize()
                     except Exception as exc:  # a tile that does not compile is a data point
                         print(f"{label} failed: {type(exc).__name__}: {str(exc)[:100]}",
@@ -112,8 +117,11 @@ def main(argv: list[str] | None = None) -> int:
                         want = o.float()
                     diff = float((o.float() - want).norm() / want.norm())
                     ms = triton.testing.do_bench(run, return_mode="median")
+                    n_regs = getattr(compiled, "n_regs", "?")
+                    spills = getattr(compiled, "n_spills", "?")
                     print(f"{label} {ms:9.3f} {computed / ms / 1e9:13.1f} "
-                          f"{attended / ms / 1e9:13.1f} {diff:8.1e}"
+                          f"{attended / ms / 1e9:13.1f} {diff:8.1e} "
+                          f"{n_regs:>4} {spills:>6}"
                           + ("" if math.isfinite(diff) else "  (not finite)"), flush=True)
             del sel
         del q, k, v, u, lse, want

@@ -60,8 +60,11 @@ class ForwardConfig:
     block_m: queries per block (selection and attention); a power of two >= 16.
     heads: query heads of one GQA group per attention program (rows = heads * block_m).
     block_n: keys per attention step. chunk: ranks per selection scan step.
-    On a GPU without an explicit config, the attention's block_n, num_warps and
-    num_stages are tuned per shape instead (triton_attn.ATTN_CONFIGS), unless TUNE is off.
+    max_registers: a cap on the attention's registers per thread (Triton's maxnreg), or
+    None for the compiler's choice.
+    On a GPU without an explicit config, the attention's block_n, num_warps, num_stages
+    and max_registers are tuned per shape instead (triton_attn.ATTN_CONFIGS), unless
+    TUNE is off.
     """
 
     block_m: int
@@ -70,6 +73,7 @@ class ForwardConfig:
     chunk: int
     num_warps: int
     num_stages: int
+    max_registers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -234,8 +238,10 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.T
         # rewritten whole by every trial, so the trials leave nothing behind).
         sparsek_attn_fwd_tuned[grid](*args, **fixed)
     else:
+        cap = {} if cfg.max_registers is None else {"maxnreg": cfg.max_registers}
         sparsek_attn_fwd_kernel[grid](*args, **fixed, BN=cfg.block_n,
-                                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                                      num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                      **cap)
     if o_dst is not o:
         o.copy_(o_dst)
     if lse_dst is not lse:
