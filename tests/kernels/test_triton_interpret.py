@@ -225,3 +225,19 @@ def test_rows_the_scan_cannot_hold_are_redone_by_the_per_query_kernels(seed, mon
                                      BM=64, CAP=32, CH=32)
     assert flag.tolist() == [0, 1, 1]
     _check_selection(u, K, W, True)
+
+
+def test_scan_register_cap_fits_every_row_in_one_wave():
+    from sparsek.triton_fwd import scan_register_cap
+
+    # gpt4-4k on an H100: 1536 one-warp rows on 132 SMs, 12 a SM, so 168 registers
+    assert scan_register_cap(1536, 1, 132) == 168
+    # rows that fit uncapped get no cap; so many rows that the cap would spill get none
+    assert scan_register_cap(128, 4, 132) is None
+    assert scan_register_cap(132 * 32, 1, 132) is None
+    for rows in range(100, 4000, 37):
+        for warps in (1, 4):
+            cap = scan_register_cap(rows, warps, 132)
+            if cap is not None:
+                assert cap % 8 == 0 and 128 <= cap < 255
+                assert -(-rows // 132) * warps * 32 * cap <= 65536
