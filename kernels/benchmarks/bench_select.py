@@ -6,9 +6,11 @@ scan, and the per-query kernels (``--paths scan,per-query``). Median of CUDA-eve
 after a warm-up; prints one row per (shape, path, scan warps, register cap).
 
 Usage: python kernels/benchmarks/bench_select.py [--cases gpt4-4k,long-64k]
-       [--paths scan,per-query] [--warps 4] [--regs auto,none,168] [--reps 20]
---regs caps the registers per thread of the scan (causal) or of the non-causal kernel:
-auto is the forward's choice, none the compiler's.
+       [--paths scan,per-query] [--warps 4] [--regs scan=none,scan=168,boundary=80]
+       [--reps 20]
+--regs: variants to time, each one kernel's cap on registers per thread (scan, noncausal,
+boundary or block), the others left as the forward sets them; none is the compiler's
+choice, auto (the scan only) the forward's rule.
 """
 
 from __future__ import annotations
@@ -30,6 +32,20 @@ SHAPES = {
     "gpt4-128": (4, 32, 4096, 256, 256, True, 128),
     "long-64k": (1, 8, 65536, 2048, 512, True, 32),
 }
+
+
+# --regs names: the forward's register cap of each selection kernel.
+CAPS = {"scan": "SCAN_MAX_REGISTERS", "noncausal": "NONCAUSAL_MAX_REGISTERS",
+        "boundary": "BOUNDARY_MAX_REGISTERS", "block": "BLOCK_CAUSAL_MAX_REGISTERS"}
+
+
+def _variant(item: str) -> tuple[str, int | str | None]:
+    """'scan=168' -> ('scan', 168); 'none' is the compiler's choice."""
+    kernel, _, cap = item.partition("=")
+    if kernel not in CAPS or not cap:
+        raise SystemExit(f"--regs: {item!r} is not KERNEL=CAP with KERNEL one of "
+                         f"{', '.join(CAPS)}")
+    return kernel, None if cap == "none" else cap if cap == "auto" else int(cap)
 
 
 def time_select(u: torch.Tensor, budget: int, window: int, causal: bool,
@@ -55,50 +71,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paths", default="scan,per-query")
     parser.add_argument("--warps", default="auto",
                         help="scan warps to try, comma-separated (auto: the forward's choice)")
-    parser.add_argument("--regs", default="auto",
-                        help="register caps to try, comma-separated (auto: the forward's "
-                             "choice; none: the compiler's)")
+    parser.add_argument("--regs", default="",
+                        help="KERNEL=CAP variants, comma-separated (default: the forward's)")
     parser.add_argument("--reps", type=int, default=20)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_select needs a CUDA GPU", file=sys.stderr)
         return 2
-    print(f"{'shape':10} {'path':10} {'warps':>5} {'regs':>5} {'median ms':>10} "
+    print(f"{'shape':10} {'path':10} {'warps':>5} {'regs':>14} {'median ms':>10} "
           f"{'same as per-query':>18}")
-    caps = [r if r in ("auto", "none") else int(r) for r in args.regs.split(",")]
+    caps = [_variant(item) for item in args.regs.split(",") if item] or [None]
     for name in args.cases.split(","):
         batch, kv_heads, seq_len, budget, window, causal, block_m = SHAPES[name]
         gen = torch.Generator(device="cuda").manual_seed(0)
         u = torch.randn(batch, kv_heads, seq_len, device="cuda", generator=gen)
         cfg = triton_fwd.ForwardConfig(block_m=block_m, heads=1, block_n=64, chunk=1024,
                                        num_warps=4, num_stages=2)
-        saved = (triton_fwd.SCAN_SLOTS, triton_fwd.SCAN_MIN_ROWS, triton_fwd.SCAN_WARPS,
-                 triton_fwd.SCAN_MAX_REGISTERS, triton_fwd.NONCAUSAL_MAX_REGISTERS)
+        saved = triton_fwd.SCAN_SLOTS, triton_fwd.SCAN_MIN_ROWS, triton_fwd.SCAN_WARPS
+        defaults = {attr: getattr(triton_fwd, attr) for attr in CAPS.values()}
         slots = saved[0]
         triton_fwd.SCAN_SLOTS = 0
         want = triton_fwd.select(u, budget, window, causal, cfg)
         for path in args.paths.split(","):
-            capped = path == "scan" or not causal
             for warps in (args.warps.split(",") if path == "scan" and causal else ["-"]):
-                for cap in (caps if capped else ["auto"]):
+                for cap in caps:
                     triton_fwd.SCAN_SLOTS = 0 if path == "per-query" else slots
                     triton_fwd.SCAN_MIN_ROWS = 1
                     if warps != "-":
                         triton_fwd.SCAN_WARPS = None if warps == "auto" else int(warps)
-                    triton_fwd.SCAN_MAX_REGISTERS, triton_fwd.NONCAUSAL_MAX_REGISTERS = saved[3:]
-                    if cap != "auto" and causal:
-                        triton_fwd.SCAN_MAX_REGISTERS = None if cap == "none" else cap
-                    elif cap != "auto":
-                        triton_fwd.NONCAUSAL_MAX_REGISTERS = None if cap == "none" else cap
+                    for attr, value in defaults.items():
+                        setattr(triton_fwd, attr, value)
+                    if cap is not None:
+                        setattr(triton_fwd, CAPS[cap[0]], cap[1])
                     got = triton_fwd.select(u, budget, window, causal, cfg)
                     same = (torch.equal(got.rk, want.rk) and torch.equal(got.cnt, want.cnt)
                             and float((got.tau - want.tau).nan_to_num(0.0, 0.0, 0.0)
                                       .abs().max()) <= 1e-5)
                     ms = time_select(u, budget, window, causal, cfg, args.reps)
-                    print(f"{name:10} {path:10} {warps:>5} {cap:>5} {ms:10.3f} "
+                    label = "-" if cap is None else f"{cap[0]}={cap[1]}"
+                    print(f"{name:10} {path:10} {warps:>5} {label:>14} {ms:10.3f} "
                           f"{str(same):>18}", flush=True)
-        (triton_fwd.SCAN_SLOTS, triton_fwd.SCAN_MIN_ROWS, triton_fwd.SCAN_WARPS,
-         triton_fwd.SCAN_MAX_REGISTERS, triton_fwd.NONCAUSAL_MAX_REGISTERS) = saved
+        triton_fwd.SCAN_SLOTS, triton_fwd.SCAN_MIN_ROWS, triton_fwd.SCAN_WARPS = saved
+        for attr, value in defaults.items():
+            setattr(triton_fwd, attr, value)
     return 0
 
 

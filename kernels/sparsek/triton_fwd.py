@@ -61,6 +61,9 @@ SCAN_MIN_REGISTERS = 128  # below this the spills cost more than the wave saves
 # The non-causal block kernel: 64 fits four 8-warp programs on an SM instead of two
 # (seed's selection on the H100: 1.15 -> 1.00-1.07 ms; 40 spills too much, 1.41 ms).
 NONCAUSAL_MAX_REGISTERS: int | None = 64
+# The causal boundary-list and block kernels.
+BOUNDARY_MAX_REGISTERS: int | None = None
+BLOCK_CAUSAL_MAX_REGISTERS: int | None = None
 
 
 def scan_register_cap(rows: int, warps: int, sms: int) -> int | None:
@@ -176,12 +179,14 @@ def _select_causal(scores, z, sp, rank, budget, window, cfg) -> Selection:
             **_cap(regs))
     sparsek_boundary_fwd_kernel[(nbnd, bh)](
         z, sp, lists, bf, bi, flag, seq_len, nbnd, budget, window, MAX_NEWTON,
-        BM=cfg.block_m, CH=cfg.chunk, GATED=scan, num_warps=4)
+        BM=cfg.block_m, CH=cfg.chunk, GATED=scan, num_warps=4,
+        **_cap(BOUNDARY_MAX_REGISTERS))
     sub = min(cfg.block_m, SELECT_ROWS)
     sparsek_block_causal_fwd_kernel[(nblk * (cfg.block_m // sub), bh)](
         z, sp, rank, scores, lists, bf, bi, tau, rk, cnt, flag, seq_len, nbnd, budget,
         window, MAX_NEWTON, BM=cfg.block_m, BQ=sub, NS=SLOTS, CHX=64,
-        LOGK=budget.bit_length(), GATED=scan, num_warps=4)
+        LOGK=budget.bit_length(), GATED=scan, num_warps=4,
+        **_cap(BLOCK_CAUSAL_MAX_REGISTERS))
     return Selection(lists, rank, tau, rk, cnt, scores)
 
 
