@@ -23,11 +23,12 @@ import torch
 
 from sparsek import triton_fwd
 
-# (name, B, Hkv, S, K, W, causal, block_m): the bar shapes' selection, plus a GQA shape
-# with few rows, where the scan's serial walk matters most.
+# (name, B, Hkv, S, K, W, causal, block_m): the bar shapes' selection with the forward's
+# blocks (triton_fwd.default_config), plus a GQA shape with few rows, where the scan's
+# serial walk matters most, and a shape of 128-query blocks.
 SHAPES = {
     "seed": (16, 96, 512, 64, 32, False, 64),
-    "gpt4-4k": (16, 96, 4096, 256, 256, True, 128),
+    "gpt4-4k": (16, 96, 4096, 256, 256, True, 64),
     "gpt4-gqa": (4, 8, 4096, 256, 256, True, 32),
     "gpt4-128": (4, 32, 4096, 256, 256, True, 128),
     "long-64k": (1, 8, 65536, 2048, 512, True, 32),

@@ -232,11 +232,14 @@ def _dense_gated(b_q, k_base, v_base, u_row, rank_row, o_j, m_j, o_d, q_pos, tau
 # over 200 registers each, so one program fills an SM; capped at 128, two programs fit
 # its 64K registers and hide each other's gathers (a few spilled registers cost less:
 # on the H100, gpt4-4k's attention 9.26 -> 8.28 ms at 32 keys and 3 stages). Seed's
-# 16-key tile at 96 registers fits five programs instead of four (0.443 -> 0.382 ms).
+# 16-key tile at 96 registers fits five programs instead of four (0.443 -> 0.382 ms), and
+# gpt4-4k's 64-query blocks run best at 4 warps capped at 128 (7.21 ms; 64 queries x 4
+# warps uncapped spill and take the forward from 11.34 to 15.26 ms).
 ATTN_CONFIGS = [
     triton.Config({"BN": bn}, num_warps=warps, num_stages=stages, maxnreg=cap)
     for bn, warps, stages, cap in ((32, 4, 2, None), (64, 4, 2, None), (16, 4, 2, None),
-                                   (32, 8, 2, 128), (32, 8, 3, 128), (16, 4, 2, 96))
+                                   (32, 8, 2, 128), (32, 8, 3, 128), (16, 4, 2, 96),
+                                   (32, 4, 2, 128))
 ]
 sparsek_attn_fwd_tuned = triton.autotune(
     configs=ATTN_CONFIGS, key=["S", "Hq", "Hkv", "K", "W", "CAUSAL", "BM", "HG", "D"],
