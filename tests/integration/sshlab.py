@@ -70,6 +70,13 @@ def host_python_dir(folder: Path) -> tuple[Path, str | None]:
     return bin_dir, os.pathsep.join(paths) if in_venv else None
 
 
+@dataclass(frozen=True)
+class SshdSessions:
+    logins: int
+    commands: int
+    disconnects: int
+
+
 @dataclass
 class SshHost:
     """One host: namespace, veth pair, sshd. ``remote_dir`` is relative to the
@@ -164,7 +171,8 @@ class SshHost:
             "StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
             "UsePAM no\nPermitRootLogin prohibit-password\n"
             f"AllowUsers {LOGIN_USER}\nSubsystem sftp internal-sftp\n"
-            "MaxSessions 100\nMaxStartups 100\nLogLevel ERROR\n"
+            # VERBOSE logs each login and each command, which tests count (sessions_since).
+            "MaxSessions 100\nMaxStartups 100\nLogLevel VERBOSE\n"
             # A client whose link was cut never says goodbye: end its session soon.
             "ClientAliveInterval 5\nClientAliveCountMax 3\n"
             f"SetEnv {env}\n")
@@ -177,6 +185,19 @@ class SshHost:
                 ["ip", "netns", "exec", self.netns, SSHD, "-D", "-e", "-f",
                  str(self._config())], stdout=log, stderr=log, start_new_session=True)
         self._wait_listening()
+
+    def log_mark(self) -> int:
+        """Where this host's sshd log ends now, for sessions_since."""
+        return (self.folder / "sshd.log").stat().st_size
+
+    def sessions_since(self, mark: int) -> SshdSessions:
+        """Logins, commands and ended connections this host's sshd logged after mark."""
+        with open(self.folder / "sshd.log", "rb") as log:
+            log.seek(mark)
+            text = log.read().decode("utf-8", errors="replace")
+        return SshdSessions(logins=text.count(f"Accepted publickey for {LOGIN_USER} "),
+                            commands=text.count("Starting session: command "),
+                            disconnects=text.count("Closing connection to "))
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

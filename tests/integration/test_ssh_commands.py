@@ -14,8 +14,8 @@ from pydantic import SecretStr
 from sparsek_remote import remote
 from sparsek_remote.errors import RemoteError
 from sparsek_remote.settings import HostSettings
-from tests.integration.conftest import PASSPHRASE
-from tests.integration.sshlab import LOGIN_USER, SshHost
+from tests.integration.conftest import PASSPHRASE, wait_until
+from tests.integration.sshlab import LOGIN_USER, SshdSessions, SshHost
 
 pytestmark = pytest.mark.integration
 
@@ -49,12 +49,14 @@ def test_every_value_reaches_the_remote_command_unchanged(hosts, tmp_path) -> No
 def test_a_connection_opened_before_its_with_block_connects_once(hosts, tmp_path) -> None:
     # The run flow opens a connection, then uses it in a with block: that must keep the
     # one link, not open a second and leave the first one behind, still connected.
-    conn = connect(hosts["alpha"], tmp_path)
-    link = conn._transport
+    alpha = hosts["alpha"]
+    mark = alpha.log_mark()
+    conn = connect(alpha, tmp_path)
     with conn as same:
-        assert same is conn and conn._transport is link
+        assert same is conn
         assert conn.run(["true"], what="checking").ok
-    assert conn._transport is None and not link.is_active()
+    wait_until(lambda: alpha.sessions_since(mark).disconnects == 1, limit_s=10)
+    assert alpha.sessions_since(mark) == SshdSessions(logins=1, commands=1, disconnects=1)
 
 
 def test_bytes_travel_both_ways_intact(hosts, tmp_path) -> None:

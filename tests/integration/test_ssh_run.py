@@ -93,6 +93,28 @@ def test_detached_run_is_fetched_when_done_and_only_once(hosts, write_env, write
     assert stored_bundles(workdir / "results") == {(run_id, "alpha")}
 
 
+def test_a_run_logs_in_once_a_host_and_starts_on_a_ready_host_in_four_commands(
+        hosts, write_env, write_job, workdir, wheels_dir) -> None:
+    # Each command is a round trip, a few hundred milliseconds over a rented host's link.
+    # Once the runner's virtualenv and the job script are on the host, a launch needs
+    # four: the home folder, the virtualenv's install marker, the run folder (with the
+    # free space and whether the job script is there), and the job's start.
+    alpha = hosts["alpha"]
+    write_env(alpha)
+    wheels = ["--wheels", str(wheels_dir), "--no-report"]
+    for name in ("installs", "ready"):
+        mark = alpha.log_mark()
+        started = cli("run", str(write_job(name, ["alpha"], seconds_per_case=0.2)),
+                      "--detach", *wheels, cwd=workdir)
+        assert started.returncode == 0, started.output
+        wait_until(lambda mark=mark: alpha.sessions_since(mark).disconnects == 1, limit_s=10)
+        seen = alpha.sessions_since(mark)
+        assert seen.logins == 1, seen
+        if name == "ready":
+            assert seen.commands == 4, seen
+        assert alpha.wait_for_job_end(run_id_of(started.stdout)) == 0
+
+
 def test_a_busy_host_is_refused_and_a_stale_lock_can_be_cleared(hosts, write_env, write_job,
                                                                 workdir, wheels_dir) -> None:
     alpha = hosts["alpha"]
