@@ -13,8 +13,9 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +58,37 @@ class HostOutcome:
         return self.state in ("stored", "already_stored")
 
 
+class Links:
+    """Connections kept open across the runs of one command (a fetch of several runs):
+    one login a host instead of one a run and host. A link that failed is dropped, so
+    the next run on that host connects afresh."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, remote.Connection] = {}
+        self._lock = threading.Lock()
+
+    def get(self, alias: str, connect: Callable[[str], remote.Connection]) -> remote.Connection:
+        with self._lock:
+            conn = self._open.get(alias)
+        if conn is None:
+            conn = connect(alias)
+            with self._lock:
+                self._open[alias] = conn
+        return conn
+
+    def drop(self, alias: str) -> None:
+        with self._lock:
+            conn = self._open.pop(alias, None)
+        if conn is not None:
+            conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._open = list(self._open.values()), {}
+        for conn in conns:
+            conn.close()
+
+
 @dataclass
 class RunContext:
     """What every host's thread of one run shares."""
@@ -75,6 +107,7 @@ class RunContext:
     docker_runner: DockerRunner | None = None
     clear_stale_lock: bool = False
     recorded_keys: dict[str, str] = field(default_factory=dict)
+    links: Links | None = None
 
     def emit(self, alias: str, event: dict[str, Any]) -> None:
         if self.on_event is not None:
@@ -92,6 +125,21 @@ class RunContext:
         if conn.host_key is not None and conn.host_key.source == "recorded":
             self.recorded_keys[alias] = conn.host_key.fingerprint
         return conn
+
+    @contextmanager
+    def connection(self, alias: str) -> Iterator[remote.Connection]:
+        """A connection to ``alias`` for one step: its own, closed after it, or the
+        shared one of ``links``, left open for the next run."""
+        if self.links is None:
+            with self.connect(alias) as conn:
+                yield conn
+            return
+        conn = self.links.get(alias, self.connect)
+        try:
+            yield conn
+        except BaseException:
+            self.links.drop(alias)
+            raise
 
 
 def known_hosts_path(settings: Settings) -> Path:
@@ -132,7 +180,7 @@ def _guarded(work: Callable[[str], HostOutcome], alias: str) -> HostOutcome:
 def launch_on_host(ctx: RunContext, alias: str, *, detach: bool) -> HostOutcome:
     """Connect, prepare the runner, start the job detached, then follow and fetch."""
     try:
-        with ctx.connect(alias) as conn:
+        with ctx.connection(alias) as conn:
             job = remote.remote_job(conn, ctx.run_id)
             if ctx.clear_stale_lock:
                 remote.clear_stale_lock(conn, job.remote_dir)
@@ -158,7 +206,7 @@ def attach_on_host(ctx: RunContext, alias: str, *, follow: bool) -> HostOutcome:
     stored = _already_stored(ctx, alias)
     if stored is not None:
         return stored
-    with ctx.connect(alias) as conn:
+    with ctx.connection(alias) as conn:
         job = remote.RemoteJob(alias, ctx.run_id,
                                f"{conn.home()}/{ctx.book.record.hosts[alias].remote_dir}")
         if follow:

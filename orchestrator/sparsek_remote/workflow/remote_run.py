@@ -21,6 +21,7 @@ from sparsek_remote.workflow._remote_host import (
     DockerRunner,
     EventSink,
     HostOutcome,
+    Links,
     RunContext,
     attach_on_host,
     fan_out,
@@ -132,14 +133,19 @@ def fetch_runs(settings: Settings, runs: list[str] | None = None, *,
         ids = [r for r in remote.list_run_ids(settings.state_dir)
                if remote.RunBook.open(settings.state_dir, r).record.pending()]
     outcomes = []
-    for run_id in ids:
-        ctx = _context(run_id, settings, on_event, False)
-        hosts, interrupted = fan_out(_unfinished(ctx),
-                                     lambda a, c=ctx: attach_on_host(c, a, follow=False),
-                                     ctx.stop)
-        outcomes.append(_finish(ctx, hosts, interrupted, with_report))
-        if interrupted:
-            break
+    links = Links()  # one login a host for all the runs
+    try:
+        for run_id in ids:
+            ctx = _context(run_id, settings, on_event, False)
+            ctx.links = links
+            hosts, interrupted = fan_out(_unfinished(ctx),
+                                         lambda a, c=ctx: attach_on_host(c, a, follow=False),
+                                         ctx.stop)
+            outcomes.append(_finish(ctx, hosts, interrupted, with_report))
+            if interrupted:
+                break
+    finally:
+        links.close()
     return outcomes
 
 
@@ -152,7 +158,7 @@ def cancel_run(run_id: str, settings: Settings,
     done: dict[str, str] = {}
     for alias in chosen:
         try:
-            with ctx.connect(alias) as conn:
+            with ctx.connection(alias) as conn:
                 record = ctx.book.record.hosts[alias]
                 job = remote.RemoteJob(alias, run_id, f"{conn.home()}/{record.remote_dir}")
                 done[alias] = remote.cancel(conn, job)
