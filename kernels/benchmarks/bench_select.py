@@ -3,7 +3,7 @@
 The forward's benchmark (``bench_sparsek.py``) times the whole operator; this one isolates
 the selection so its two causal paths can be compared on the same scores: the per-row
 scan, and the per-query kernels (``--paths scan,per-query``). Median of CUDA-event timings
-after a warm-up; prints one row per (shape, path, scan warps, register cap).
+after a warm-up; prints one row per (shape, path, warps, register cap).
 
 Usage: python kernels/benchmarks/bench_select.py [--cases gpt4-4k,long-64k]
        [--paths scan,per-query] [--warps 4] [--regs scan=none,scan=168,boundary=80]
@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default=",".join(SHAPES))
     parser.add_argument("--paths", default="scan,per-query")
     parser.add_argument("--warps", default="auto",
-                        help="scan warps to try, comma-separated (auto: the forward's choice)")
+                        help="warps of the scan (causal) or of the non-causal kernel to try, "
+                             "comma-separated (auto: the forward's choice)")
     parser.add_argument("--regs", default="",
                         help="KERNEL=CAP variants, comma-separated (default: the forward's)")
     parser.add_argument("--reps", type=int, default=20)
@@ -88,18 +89,23 @@ def main(argv: list[str] | None = None) -> int:
         u = torch.randn(batch, kv_heads, seq_len, device="cuda", generator=gen)
         cfg = triton_fwd.ForwardConfig(block_m=block_m, heads=1, block_n=64, chunk=1024,
                                        num_warps=4, num_stages=2)
-        saved = triton_fwd.SCAN_SLOTS, triton_fwd.SCAN_MIN_ROWS, triton_fwd.SCAN_WARPS
+        saved = (triton_fwd.SCAN_SLOTS, triton_fwd.SCAN_MIN_ROWS, triton_fwd.SCAN_WARPS,
+                 triton_fwd.NONCAUSAL_WARPS)
         defaults = {attr: getattr(triton_fwd, attr) for attr in CAPS.values()}
         slots = saved[0]
         triton_fwd.SCAN_SLOTS = 0
         want = triton_fwd.select(u, budget, window, causal, cfg)
         for path in args.paths.split(","):
-            for warps in (args.warps.split(",") if path == "scan" and causal else ["-"]):
+            for warps in (args.warps.split(",") if path == "scan" or not causal else ["-"]):
                 for cap in caps:
                     triton_fwd.SCAN_SLOTS = 0 if path == "per-query" else slots
                     triton_fwd.SCAN_MIN_ROWS = 1
                     if warps != "-":
-                        triton_fwd.SCAN_WARPS = None if warps == "auto" else int(warps)
+                        if causal:
+                            triton_fwd.SCAN_WARPS = None if warps == "auto" else int(warps)
+                        else:
+                            triton_fwd.NONCAUSAL_WARPS = (saved[3] if warps == "auto"
+                                                          else int(warps))
                     for attr, value in defaults.items():
                         setattr(triton_fwd, attr, value)
                     if cap is not None:
@@ -112,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                     label = "-" if cap is None else f"{cap[0]}={cap[1]}"
                     print(f"{name:10} {path:10} {warps:>5} {label:>14} {ms:10.3f} "
                           f"{str(same):>18}", flush=True)
-        triton_fwd.SCAN_SLOTS, triton_fwd.SCAN_MIN_ROWS, triton_fwd.SCAN_WARPS = saved
+        (triton_fwd.SCAN_SLOTS, triton_fwd.SCAN_MIN_ROWS, triton_fwd.SCAN_WARPS,
+         triton_fwd.NONCAUSAL_WARPS) = saved
         for attr, value in defaults.items():
             setattr(triton_fwd, attr, value)
     return 0

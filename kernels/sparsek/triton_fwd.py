@@ -51,6 +51,8 @@ SCAN_MAX_LEN = 16384
 # Warps per scan program; None: one warp where rows fill the GPU several times over (its
 # reductions then need no barrier), four for fewer, longer-waited rows.
 SCAN_WARPS: int | None = None
+# Warps per non-causal block program (its solver works on one query per thread).
+NONCAUSAL_WARPS = 4
 # Caps on registers per thread (Triton's maxnreg); None leaves the compiler's choice.
 # The scan's rows are latency-bound walks that all take about as long, so a row that
 # misses the first wave doubles the kernel's time: "auto" caps its registers so that
@@ -58,9 +60,10 @@ SCAN_WARPS: int | None = None
 # one-warp rows: 5.27 ms uncapped (8 per SM), 4.35 ms at 168 (12 per SM), 5.66 at 176.
 SCAN_MAX_REGISTERS: int | str | None = "auto"
 SCAN_MIN_REGISTERS = 128  # below this the spills cost more than the wave saves
-# The non-causal block kernel: 64 fits four 8-warp programs on an SM instead of two
-# (seed's selection on the H100: 1.15 -> 1.00-1.07 ms; 40 spills too much, 1.41 ms).
-NONCAUSAL_MAX_REGISTERS: int | None = 64
+# The non-causal block kernel, 4 warps at 96 registers: five programs an SM. Seed's
+# selection on the H100: 8 warps 1.17 ms uncapped, 1.00 at 64; 4 warps 0.84 uncapped,
+# 0.77 at 96, 0.86 at 64; 2 warps 0.80 uncapped, slower capped.
+NONCAUSAL_MAX_REGISTERS: int | None = 96
 # The causal boundary-list and block kernels.
 BOUNDARY_MAX_REGISTERS: int | None = None
 BLOCK_CAUSAL_MAX_REGISTERS: int | None = None
@@ -211,7 +214,7 @@ def _select_noncausal(scores, z, sp, rank, budget, window, cfg) -> Selection:
         MAX_NEWTON, seq_len.bit_length(), BM=cfg.block_m, BQ=sub,
         NW=max(16, triton.next_power_of_2(2 * window - 1)),
         NR=max(16, triton.next_power_of_2(cfg.block_m + 2 * window - 2)),
-        CH=min(cfg.chunk, 256), num_warps=8 if sub >= 64 else 4,
+        CH=min(cfg.chunk, 256), num_warps=NONCAUSAL_WARPS,
         **_cap(NONCAUSAL_MAX_REGISTERS))
     return Selection(lists, rank, tau, rk, cnt, scores)
 
