@@ -198,9 +198,12 @@ def test_deploy_readies_a_bare_and_a_docker_host_of_the_ssh_lab(
     env.write_text(env.read_text().replace("SPARSEK_HOSTS__GAMMA__KIND=bare",
                                            "SPARSEK_HOSTS__GAMMA__KIND=docker"))
     settings = load_settings(env)
+    marks = {alias: hosts[alias].log_mark() for alias in ("alpha", "gamma")}
     outcome = workflow.deploy(settings, project_root=PROJECT_ROOT, aliases=["alpha", "gamma"],
                               options=project_context.options)
     assert outcome.error() is None, outcome.error()
+    for alias, mark in marks.items():  # one login a host for preflight, ship and install
+        assert hosts[alias].sessions_since(mark).logins == 1, alias
     bare, docker_host = outcome.hosts["alpha"], outcome.hosts["gamma"]
     assert bare.kind == "bare" and bare.wheels_tag
     assert (hosts["alpha"].remote_path / "venv" / "bin" / "python").exists()
