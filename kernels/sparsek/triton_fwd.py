@@ -60,6 +60,7 @@ NONCAUSAL_WARPS = 4
 # one-warp rows: 5.27 ms uncapped (8 per SM), 4.35 ms at 168 (12 per SM), 5.66 at 176.
 SCAN_MAX_REGISTERS: int | str | None = "auto"
 SCAN_MIN_REGISTERS = 128  # below this the spills cost more than the wave saves
+REGISTERS_PER_SM = 65536  # 32-bit registers of one SM: Hopper's and Blackwell's alike
 # The non-causal block kernel, 4 warps at 96 registers: five programs an SM. Seed's
 # selection on the H100: 8 warps 1.17 ms uncapped, 1.00 at 64; 4 warps 0.84 uncapped,
 # 0.77 at 96, 0.86 at 64; 2 warps 0.80 uncapped, slower capped.
@@ -77,7 +78,7 @@ def scan_register_cap(rows: int, warps: int, sms: int) -> int | None:
     if SCAN_MAX_REGISTERS != "auto":
         return SCAN_MAX_REGISTERS
     per_sm = -(-rows // sms)
-    cap = 65536 // (per_sm * warps * 32) // 8 * 8
+    cap = REGISTERS_PER_SM // (per_sm * warps * 32) // 8 * 8
     return cap if SCAN_MIN_REGISTERS <= cap < 255 else None
 
 
