@@ -93,13 +93,13 @@ def test_detached_run_is_fetched_when_done_and_only_once(hosts, write_env, write
     assert stored_bundles(workdir / "results") == {(run_id, "alpha")}
 
 
-def test_runs_and_fetches_log_in_once_a_host_and_start_in_four_commands(
+def test_runs_and_fetches_log_in_once_a_host_and_start_in_three_commands(
         hosts, write_env, write_job, workdir, wheels_dir) -> None:
     # Each command is a round trip, a few hundred milliseconds over a rented host's link.
     # Once the runner's virtualenv and the job script are on the host, a launch needs
-    # four: the home folder, the virtualenv's install marker, the run folder (with the
-    # free space and whether the job script is there), and the job's start. A fetch of
-    # several runs logs in to a host once.
+    # three: the home folder with the virtualenv's install marker, the run folder (with
+    # the free space and whether the job script is there), and the job's start. A fetch
+    # of several runs logs in to a host once.
     alpha = hosts["alpha"]
     write_env(alpha)
     wheels = ["--wheels", str(wheels_dir), "--no-report"]
@@ -112,7 +112,7 @@ def test_runs_and_fetches_log_in_once_a_host_and_start_in_four_commands(
         seen = alpha.sessions_since(mark)  # sshd logs both before the client hears back
         assert seen.logins == 1, seen
         if name == "ready":
-            assert seen.commands == 4, seen
+            assert seen.commands == 3, seen
         runs.append(run_id_of(started.stdout))
         assert alpha.wait_for_job_end(runs[-1]) == 0
 

@@ -23,7 +23,7 @@ from sparsek_remote.errors import RemoteError
 from sparsek_remote.settings import HostSettings, Settings
 from sparsek_remote.workflow import docker_runner as docker_runner_of
 from sparsek_remote.workflow import preflight
-from sparsek_remote.workflow._remote_host import RunContext, _runner_for
+from sparsek_remote.workflow._remote_host import RunContext, _runner_for, host_kind
 from sparsek_remote.workflow.preflight import Gpu, Preflight
 
 RUN_ID = "20260101T120000Z-kind-1a2b3c"
@@ -132,7 +132,8 @@ def kind_chosen_by_run(conn: LocalShell, tmp_path: Path) -> tuple[str, remote.Ru
                       docker_runner=lambda _alias, _run_dir: in_image)
     job = remote.RemoteJob("lab", RUN_ID, f"{conn.home}/sparsek-remote")
     try:
-        runner = _runner_for(ctx, conn, "lab", job)  # type: ignore[arg-type]
+        kind = host_kind(ctx, conn, "lab")  # type: ignore[arg-type]
+        runner = _runner_for(ctx, conn, "lab", job, kind, None)  # type: ignore[arg-type]
     except _Bare:
         return "bare", ctx.book
     assert runner is in_image
@@ -147,7 +148,8 @@ def test_an_auto_docker_host_without_an_image_names_the_setting_to_change(
     for docker_runner in (None, docker_runner_of(settings)):  # no runner; nothing deployed
         ctx = run_context(tmp_path / str(docker_runner is None), docker_runner=docker_runner)
         with pytest.raises(RemoteError) as raised:
-            _runner_for(ctx, conn, "lab", job)  # type: ignore[arg-type]
+            kind = host_kind(ctx, conn, "lab")  # type: ignore[arg-type]
+            _runner_for(ctx, conn, "lab", job, kind, None)  # type: ignore[arg-type]
         assert "docker host" in raised.value.message
         assert "SPARSEK_HOSTS__LAB__KIND=bare" in (raised.value.hint or "")
 

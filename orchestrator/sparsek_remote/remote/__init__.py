@@ -3,7 +3,7 @@ streamed transfers, detached jobs with a heartbeat and one lock per host, and th
 virtualenv of bare hosts. paramiko's exceptions become ``RemoteError`` in
 ``connection`` and nowhere else. Only the workflow imports this package."""
 
-from sparsek_remote.remote.bare import BareEnv, install, wheels_tag
+from sparsek_remote.remote.bare import BareEnv, install, installed_tag, wheels_tag
 from sparsek_remote.remote.commands import quote_argv, sh_argv
 from sparsek_remote.remote.connection import (
     CommandResult,
@@ -68,6 +68,7 @@ __all__ = [
     "follow",
     "forget_host_key",
     "install",
+    "installed_tag",
     "launch",
     "list_run_ids",
     "lock_state",

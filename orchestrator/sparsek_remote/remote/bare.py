@@ -3,7 +3,8 @@
 The project's wheels are sent to the host and installed into ``<remote_dir>/venv``,
 made with ``--system-site-packages`` so the host's own PyTorch (the CUDA build that
 matches its driver) is used. A marker in the venv names the wheels installed, so
-an unchanged tree costs one command on the next run.
+an unchanged tree costs one command on the next run, the one that also finds the home
+folder (``installed_tag``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparsek_remote.errors import RemoteError
+from sparsek_remote.remote.commands import sh_argv
 from sparsek_remote.remote.connection import Connection
 from sparsek_remote.remote.transfer import upload_bytes, upload_files
 
@@ -24,6 +26,9 @@ _PROBE = ("import importlib.util, sys\n"
           "missing = [m for m in sys.argv[1:] if importlib.util.find_spec(m) is None]\n"
           "print(' '.join(missing))\n")
 _RUNNER_NEEDS = ("pydantic", "yaml", "torch", "sparsek", "sparsek_remote")
+# The home folder, then the venv's marker if there is one ($1: remote_dir, relative to
+# the home folder; $2: the marker's name).
+_HOME_AND_TAG = 'printf "%s\\n" "$HOME"; cat "$HOME/$1/venv/$2" 2>/dev/null || true'
 
 
 @dataclass(frozen=True)
@@ -44,22 +49,31 @@ def wheels_tag(wheels: Sequence[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
+def installed_tag(conn: Connection) -> str | None:
+    """The wheels tag the host's venv is marked with (None: no venv, or not marked).
+    The same round trip tells the connection the home folder."""
+    result = conn.run(sh_argv(_HOME_AND_TAG, conn.host.remote_dir, MARKER_NAME),
+                      what="looking for the runner's virtualenv")
+    home, _, tag = result.text.partition("\n")
+    conn.learn_home(home)
+    return tag.strip() or None
+
+
 def install(conn: Connection, remote_dir: str, wheels: Sequence[Path], *,
-            base_python: str = "python3") -> BareEnv:
+            installed: str | None, base_python: str = "python3") -> BareEnv:
     """Make sure ``<remote_dir>/venv`` holds exactly these wheels; returns its python.
 
-    ``remote_dir`` is absolute on the host. ``wheels`` are the project's wheels and
-    any dependency wheels to carry (for hosts without a package index); a torch
-    wheel among them is installed only if the host has no torch."""
+    ``remote_dir`` is absolute on the host; ``installed`` is what ``installed_tag``
+    read. ``wheels`` are the project's wheels and any dependency wheels to carry (for
+    hosts without a package index); a torch wheel among them is installed only if the
+    host has no torch."""
     if not wheels:
         raise RemoteError("no wheels to install on a bare host",
                           hint="build them with `pip wheel --no-deps . -w DIR`")
     tag = wheels_tag(wheels)
     venv = f"{remote_dir}/venv"
     python = f"{venv}/bin/python"
-    marker = conn.run(["cat", f"{venv}/{MARKER_NAME}"], what="reading the venv marker",
-                      check=False)
-    if marker.ok and marker.text.strip() == tag:
+    if installed == tag:
         return BareEnv(python, tag, installed_now=False)
     folder = f"{remote_dir}/wheels/{tag}"
     upload_files(conn, list(wheels), folder, what="sending the wheels",

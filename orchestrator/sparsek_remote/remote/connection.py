@@ -125,8 +125,13 @@ class Connection:
         """The remote user's home folder (remote paths here are relative to it)."""
         if self._home is None:
             result = self.run(["sh", "-c", 'printf %s "$HOME"'], what="finding the home folder")
-            self._home = result.text.strip() or "."
+            self.learn_home(result.text)
         return self._home
+
+    def learn_home(self, printed: str) -> None:
+        """Keep the home folder as a command that also did other work printed it, so
+        that home() needs no round trip of its own."""
+        self._home = printed.strip() or "."
 
     def run(self, argv: Sequence[str], *, what: str, limit: float | None = None,
             stdin: bytes | None = None, check: bool = True) -> CommandResult:

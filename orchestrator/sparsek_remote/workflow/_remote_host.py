@@ -181,10 +181,13 @@ def launch_on_host(ctx: RunContext, alias: str, *, detach: bool) -> HostOutcome:
     """Connect, prepare the runner, start the job detached, then follow and fetch."""
     try:
         with ctx.connection(alias) as conn:
+            kind = host_kind(ctx, conn, alias)
+            # On a bare host the venv's marker comes with the home folder, in one command.
+            installed = remote.installed_tag(conn) if kind == "bare" else None
             job = remote.remote_job(conn, ctx.run_id)
             if ctx.clear_stale_lock:
                 remote.clear_stale_lock(conn, job.remote_dir)
-            runner = _runner_for(ctx, conn, alias, job)
+            runner = _runner_for(ctx, conn, alias, job, kind, installed)
             ctx.stage(alias, "starting")
             assert ctx.job is not None  # set by the run flow, never by fetch
             remote.launch(conn, job, job_json=ctx.job.to_json(),
@@ -303,12 +306,18 @@ def _download_and_store(ctx: RunContext, conn: remote.Connection, alias: str,
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _runner_for(ctx: RunContext, conn: remote.Connection, alias: str,
-                job: remote.RemoteJob) -> remote.RunnerCommand:
+def host_kind(ctx: RunContext, conn: remote.Connection, alias: str) -> str:
+    """The host's kind as set, or for ``auto`` as its probe says; recorded in the run."""
     kind = conn.host.kind
     if kind == "auto":
         kind = preflight.probe_kind(conn)
     ctx.book.set_kind(alias, kind)
+    return kind
+
+
+def _runner_for(ctx: RunContext, conn: remote.Connection, alias: str,
+                job: remote.RemoteJob, kind: str, installed: str | None
+                ) -> remote.RunnerCommand:
     if kind == "docker":
         if ctx.docker_runner is None:
             raise RemoteError(f"host {alias!r} is a docker host, and this run has no image "
@@ -319,7 +328,7 @@ def _runner_for(ctx: RunContext, conn: remote.Connection, alias: str,
     if ctx.wheels is None:
         raise ConfigError("bare hosts need the project's wheels, and none were given")
     ctx.stage(alias, "installing")
-    env = remote.install(conn, job.remote_dir, ctx.wheels())
+    env = remote.install(conn, job.remote_dir, ctx.wheels(), installed=installed)
     return remote.RunnerCommand(python=env.python)
 
 

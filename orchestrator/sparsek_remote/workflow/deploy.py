@@ -191,7 +191,9 @@ def _prepare_host(shared: _Shared, alias: str, found: dict[str, Any]) -> None:
 
 
 def _install_bare(shared: _Shared, conn: remote.Connection) -> str:
-    env = remote.install(conn, f"{conn.home()}/{conn.host.remote_dir}", shared.wheels())
+    installed = remote.installed_tag(conn)  # learns the home folder too
+    env = remote.install(conn, f"{conn.home()}/{conn.host.remote_dir}", shared.wheels(),
+                         installed=installed)
     return env.wheels_tag
 
 
