@@ -40,6 +40,25 @@ CAPS = {"scan": "SCAN_MAX_REGISTERS", "noncausal": "NONCAUSAL_MAX_REGISTERS",
         "boundary": "BOUNDARY_MAX_REGISTERS", "block": "BLOCK_CAUSAL_MAX_REGISTERS"}
 
 
+# The forward's module settings a variant may change; each variant starts from their values.
+KNOBS = ("SCAN_SLOTS", "SCAN_MIN_ROWS", "SCAN_WARPS", "NONCAUSAL_WARPS", *CAPS.values())
+
+
+def _set_variant(base: dict, causal: bool, path: str, warps: str,
+                 cap: tuple[str, int | str | None] | None) -> None:
+    """Set the forward's knobs for one variant: the scan on every row count or none
+    (per-query), the warps of the scan (causal) or of the non-causal kernel, one cap."""
+    for attr, value in base.items():
+        setattr(triton_fwd, attr, value)
+    triton_fwd.SCAN_MIN_ROWS = 1
+    if path == "per-query":
+        triton_fwd.SCAN_SLOTS = 0
+    if warps not in ("-", "auto"):
+        setattr(triton_fwd, "SCAN_WARPS" if causal else "NONCAUSAL_WARPS", int(warps))
+    if cap is not None:
+        setattr(triton_fwd, CAPS[cap[0]], cap[1])
+
+
 def _variant(item: str) -> tuple[str, int | str | None]:
     """'scan=168' -> ('scan', 168); 'none' is the compiler's choice."""
     kernel, _, cap = item.partition("=")
@@ -83,44 +102,31 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'shape':10} {'path':10} {'warps':>5} {'regs':>14} {'median ms':>10} "
           f"{'same as per-query':>18}")
     caps = [_variant(item) for item in args.regs.split(",") if item] or [None]
-    for name in args.cases.split(","):
-        batch, kv_heads, seq_len, budget, window, causal, block_m = SHAPES[name]
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        u = torch.randn(batch, kv_heads, seq_len, device="cuda", generator=gen)
-        cfg = triton_fwd.ForwardConfig(block_m=block_m, heads=1, block_n=64, chunk=1024,
-                                       num_warps=4, num_stages=2)
-        saved = (triton_fwd.SCAN_SLOTS, triton_fwd.SCAN_MIN_ROWS, triton_fwd.SCAN_WARPS,
-                 triton_fwd.NONCAUSAL_WARPS)
-        defaults = {attr: getattr(triton_fwd, attr) for attr in CAPS.values()}
-        slots = saved[0]
-        triton_fwd.SCAN_SLOTS = 0
-        want = triton_fwd.select(u, budget, window, causal, cfg)
-        for path in args.paths.split(","):
-            for warps in (args.warps.split(",") if path == "scan" or not causal else ["-"]):
-                for cap in caps:
-                    triton_fwd.SCAN_SLOTS = 0 if path == "per-query" else slots
-                    triton_fwd.SCAN_MIN_ROWS = 1
-                    if warps != "-":
-                        if causal:
-                            triton_fwd.SCAN_WARPS = None if warps == "auto" else int(warps)
-                        else:
-                            triton_fwd.NONCAUSAL_WARPS = (saved[3] if warps == "auto"
-                                                          else int(warps))
-                    for attr, value in defaults.items():
-                        setattr(triton_fwd, attr, value)
-                    if cap is not None:
-                        setattr(triton_fwd, CAPS[cap[0]], cap[1])
-                    got = triton_fwd.select(u, budget, window, causal, cfg)
-                    same = (torch.equal(got.rk, want.rk) and torch.equal(got.cnt, want.cnt)
-                            and float((got.tau - want.tau).nan_to_num(0.0, 0.0, 0.0)
-                                      .abs().max()) <= 1e-5)
-                    ms = time_select(u, budget, window, causal, cfg, args.reps)
-                    label = "-" if cap is None else f"{cap[0]}={cap[1]}"
-                    print(f"{name:10} {path:10} {warps:>5} {label:>14} {ms:10.3f} "
-                          f"{str(same):>18}", flush=True)
-        (triton_fwd.SCAN_SLOTS, triton_fwd.SCAN_MIN_ROWS, triton_fwd.SCAN_WARPS,
-         triton_fwd.NONCAUSAL_WARPS) = saved
-        for attr, value in defaults.items():
+    base = {attr: getattr(triton_fwd, attr) for attr in KNOBS}
+    try:
+        for name in args.cases.split(","):
+            batch, kv_heads, seq_len, budget, window, causal, block_m = SHAPES[name]
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            u = torch.randn(batch, kv_heads, seq_len, device="cuda", generator=gen)
+            cfg = triton_fwd.ForwardConfig(block_m=block_m, heads=1, block_n=64, chunk=1024,
+                                           num_warps=4, num_stages=2)
+            _set_variant(base, causal, "per-query", "-", None)
+            want = triton_fwd.select(u, budget, window, causal, cfg)
+            for path in args.paths.split(","):
+                for warps in (args.warps.split(",") if path == "scan" or not causal
+                              else ["-"]):
+                    for cap in caps:
+                        _set_variant(base, causal, path, warps, cap)
+                        got = triton_fwd.select(u, budget, window, causal, cfg)
+                        same = (torch.equal(got.rk, want.rk) and torch.equal(got.cnt, want.cnt)
+                                and float((got.tau - want.tau).nan_to_num(0.0, 0.0, 0.0)
+                                          .abs().max()) <= 1e-5)
+                        ms = time_select(u, budget, window, causal, cfg, args.reps)
+                        label = "-" if cap is None else f"{cap[0]}={cap[1]}"
+                        print(f"{name:10} {path:10} {warps:>5} {label:>14} {ms:10.3f} "
+                              f"{str(same):>18}", flush=True)
+    finally:
+        for attr, value in base.items():
             setattr(triton_fwd, attr, value)
     return 0
 
