@@ -9,11 +9,11 @@ setting of the card: a measurement describes the card as it was found.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import subprocess
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from sparsek.runner import smi
 from sparsek_remote.schema import CardState
 
 # NVML's clock event ("throttle") reasons, nvml.h; nvidia-smi prints the same bitmask.
@@ -96,7 +96,7 @@ def open_reader(device: str, index: int = 0) -> CardReader:
             return NvmlReader(pynvml, index)
         except pynvml.NVMLError as exc:
             nvml_problem = f"NVML failed to start: {exc}"
-    tool = shutil.which("nvidia-smi")
+    tool = smi.tool()
     if tool is not None:
         return SmiReader(tool, index)
     return Unavailable(f"{nvml_problem}, and nvidia-smi is not on PATH")
@@ -196,10 +196,8 @@ class SmiReader:
     def _query(self, reason_field: str) -> list[str] | str:
         fields = ",".join((*_SMI_FIELDS, reason_field))
         try:
-            done = subprocess.run(
-                [self.tool, f"--query-gpu={fields}", "--format=csv,noheader,nounits",
-                 "-i", str(self.index)],
-                capture_output=True, text=True, timeout=SMI_TIMEOUT_S, check=False)
+            done = smi.query(fields, index=self.index, units=False, timeout_s=SMI_TIMEOUT_S,
+                             path=self.tool)
         except (OSError, subprocess.TimeoutExpired) as exc:
             return f"could not run: {exc}"
         lines = done.stdout.strip().splitlines()

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 from dataclasses import dataclass, field
 
+from sparsek.runner import smi
 from sparsek_remote.errors import ConfigError, RunnerError
 from sparsek_remote.gpuspec import ALL, GpuSpec, parse_gpu_spec
 from sparsek_remote.schema import GpuProvenance
 
 _QUERY = "index,name,uuid,driver_version,compute_cap"
-_SMI_TIMEOUT_S = 20
 _MISSING = {"", "[N/A]", "N/A", "[Not Supported]"}
 
 
@@ -77,7 +76,7 @@ def _cell(cell: str) -> str | None:
 
 def list_gpus() -> list[GpuProvenance]:
     """Every GPU nvidia-smi sees; RunnerError when it cannot say."""
-    tool = shutil.which("nvidia-smi")
+    tool = smi.tool()
     if tool is None:
         raise RunnerError("cannot list this host's GPUs: nvidia-smi is not on PATH",
                           hint="run with --gpus 1 to use the default GPU alone")
@@ -93,9 +92,7 @@ def list_gpus() -> list[GpuProvenance]:
 
 def _smi(tool: str, query: str) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run([tool, f"--query-gpu={query}", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=_SMI_TIMEOUT_S,
-                              check=False)
+        return smi.query(query, path=tool)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise RunnerError(f"cannot list this host's GPUs: nvidia-smi failed: {exc}",
                           hint="check the driver; --gpus 1 uses the default GPU") from None

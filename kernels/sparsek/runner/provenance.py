@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
-import shutil
 import subprocess
 from pathlib import Path
 
 import torch
 
+from sparsek.runner import smi
 from sparsek_remote.schema import Provenance
 
 _TEXT_LIMIT = 200
@@ -104,16 +104,9 @@ def _driver_from_nvml() -> str | None:
 
 
 def _driver_from_nvidia_smi() -> str | None:
-    tool = shutil.which("nvidia-smi")
-    if tool is None:
-        return None
     try:
-        done = subprocess.run(
-            [tool, "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=_NVIDIA_SMI_TIMEOUT_S, check=False,
-        )
+        done = smi.query("driver_version", timeout_s=_NVIDIA_SMI_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired):
         return None
     lines = done.stdout.strip().splitlines()
     return lines[0].strip() if done.returncode == 0 and lines else None
-
