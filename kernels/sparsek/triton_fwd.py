@@ -51,7 +51,7 @@ SCAN_MAX_LEN = 16384
 # Warps per scan program; None: one warp where rows fill the GPU several times over (its
 # reductions then need no barrier), four for fewer, longer-waited rows.
 SCAN_WARPS: int | None = None
-# Warps per non-causal block program (its solver works on one query per thread).
+# Warps per non-causal block program (measured against 8 and 2: see the cap below).
 NONCAUSAL_WARPS = 4
 # Caps on registers per thread (Triton's maxnreg); None leaves the compiler's choice.
 # The scan's rows are latency-bound walks that all take about as long, so a row that

@@ -154,13 +154,6 @@ def launch(conn: Connection, job: RemoteJob, *, job_json: str, argv: Sequence[st
     return int(_info(result.text).get("pid", "0"))
 
 
-def check_free_space(conn: Connection, remote_dir: str,
-                     min_bytes: int = MIN_FREE_BYTES) -> int:
-    """Free bytes under ``remote_dir``; ``RemoteError`` when fewer than ``min_bytes``."""
-    result = conn.run(["df", "-Pk", remote_dir], what="checking free disk space")
-    return _enough_space(conn, remote_dir, result.text.strip().splitlines(), min_bytes)
-
-
 def _enough_space(conn: Connection, remote_dir: str, df_lines: list[str],
                   min_bytes: int = MIN_FREE_BYTES) -> int:
     """Free bytes from ``df -Pk``'s lines; ``RemoteError`` when fewer than min_bytes."""
