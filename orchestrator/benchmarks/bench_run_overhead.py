@@ -5,18 +5,27 @@ integration tier (network namespaces, each with its own sshd and address; run as
    `sparsek-remote run JOB --target HOST` minus the runner's own wall time (bar <= 2 s);
 2. fan-out: the same longer job on 4 hosts in one run vs on 1 host (bar <= 1.3x).
 
+The lab hosts also share this machine's cores: four CPU-bound runners on 2 cores slow each
+other down, which rented hosts (each with its own CPUs) do not. ``--host-cores C`` adds a
+second fan-out measurement in which every host's sshd, and so every process it starts,
+runs in a CPU cgroup of its own capped at C cores (one host alone gets the same C), so the
+hosts behave as separate machines of equal size; the local command keeps the rest.
+
 The lab hosts share this machine's filesystem, so the runner's wall time is read from
 the host's run folder with this machine's clock: ``runner.pid`` is written as the runner
 starts, ``exit_code`` as it ends. Connect+launch is the command's start up to the
 runner's start; the tail (noticing the end, fetch, validate, store) is the runner's end
 up to the command's exit.
 
-    PYTHONPATH=orchestrator:kernels:. python orchestrator/benchmarks/bench_run_overhead.py
+    PYTHONPATH=orchestrator:kernels:. python orchestrator/benchmarks/bench_run_overhead.py \
+        [--host-cores 0.4]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
 import statistics
 import subprocess
@@ -74,6 +83,56 @@ def run_cli(workdir: Path, job: Path, hosts: list[SshHost], wheels: Path,
         launch[host.alias], runner[host.alias] = began - start, ended - began
         tail[host.alias] = end - ended
     return Timed(match.group(1), end - start, launch, runner, tail)
+
+
+class CpuSlices:
+    """A CPU cgroup per lab host, each capped at the same number of cores, holding the
+    host's sshd: the processes sshd starts (sessions, runners) are born inside it.
+    cgroup v2 (``cpu.max``) where its cpu controller is on, else v1 (``cpu.cfs_quota_us``)."""
+
+    PERIOD_US = 100_000
+    V2 = Path("/sys/fs/cgroup")
+    V1 = Path("/sys/fs/cgroup/cpu")
+
+    def __init__(self, cores: float, token: str) -> None:
+        if cores <= 0:
+            raise ValueError(f"--host-cores must be above 0, got {cores}")
+        self.quota_us = int(cores * self.PERIOD_US)
+        controllers = self.V2 / "cgroup.controllers"
+        self.v2 = controllers.exists() and "cpu" in controllers.read_text().split()
+        if not self.v2 and not (self.V1 / "cpu.cfs_quota_us").exists():
+            raise RuntimeError("--host-cores needs a cgroup cpu controller (v2 cpu.max or "
+                               "v1 cpu.cfs_quota_us) writable by root; none is mounted")
+        self.root = (self.V2 if self.v2 else self.V1) / f"sparsek-bench-{token}"
+        self.groups: list[Path] = []
+
+    def confine(self, host: SshHost) -> None:
+        if host.proc is None:
+            raise RuntimeError(f"the sshd of {host.alias} is not running")
+        if not self.groups:
+            self.root.mkdir()
+            if self.v2:
+                (self.root / "cgroup.subtree_control").write_text("+cpu")
+        group = self.root / host.alias
+        group.mkdir()
+        self.groups.append(group)
+        if self.v2:
+            (group / "cpu.max").write_text(f"{self.quota_us} {self.PERIOD_US}")
+        else:
+            (group / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+            (group / "cpu.cfs_quota_us").write_text(str(self.quota_us))
+        (group / "cgroup.procs").write_text(str(host.proc.pid))
+
+    def release(self) -> None:
+        """Move whatever is left back to the root group, then remove the groups."""
+        for group in [*self.groups, self.root]:
+            if not group.exists():
+                continue
+            top = self.root.parent / "cgroup.procs"
+            for pid in (group / "cgroup.procs").read_text().split():
+                with contextlib.suppress(OSError):  # it ended meanwhile
+                    top.write_text(pid)
+            os.rmdir(group)
 
 
 def write_job(workdir: Path, name: str, text: str) -> Path:
@@ -168,7 +227,8 @@ def fanout_rows(label: str, fan: dict) -> list[tuple[str, str, str, str]]:
     ]
 
 
-def print_table(over: dict, budget: dict, work: dict | None) -> None:
+def print_table(over: dict, budget: dict, work: dict | None, sliced: dict | None,
+                host_cores: float | None) -> None:
     rows = [
         ("overhead: connect+launch (median)", f"{over['launch']:.2f} s", "", ""),
         ("  of which the command's own start-up (--help)", f"{over['command_start']:.2f} s",
@@ -180,6 +240,7 @@ def print_table(over: dict, budget: dict, work: dict | None) -> None:
          f"<= {OVERHEAD_BAR_S:g} s", verdict(over["overhead"], OVERHEAD_BAR_S)),
         *fanout_rows("time-budget job", budget),
         *(fanout_rows("fixed-work job", work) if work else []),
+        *(fanout_rows(f"hosts of {host_cores:g} cores each", sliced) if sliced else []),
     ]
     header = ("metric", "measured", "bar", "verdict")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
@@ -195,6 +256,10 @@ def main() -> int:
     parser.add_argument("--fixed-work", action="store_true",
                         help="also fan out a fixed amount of CPU work (minutes: 4 runners "
                         "share 2 cores and oversubscribe them)")
+    parser.add_argument("--host-cores", type=float, default=None,
+                        help="also fan out the time-budget job with each host in a CPU "
+                        "cgroup of its own capped at this many cores (e.g. 0.4 with 4 "
+                        "hosts on 2 cores), as separate machines would be")
     args = parser.parse_args()
     missing = missing_prerequisites()
     if missing:
@@ -205,6 +270,8 @@ def main() -> int:
         folder.mkdir()
         workdir.mkdir()
         lab = SshLab(folder)
+        slices = CpuSlices(args.host_cores, lab.token) if args.host_cores else None
+        sliced = None
         try:
             key = make_user_key(folder, "id_bench")
             hosts = [lab.add(alias, key) for alias in ALIASES]
@@ -218,9 +285,15 @@ def main() -> int:
             over = bench_overhead(workdir, hosts[0], wheels, args.repeats)
             budget, work = bench_fanout(workdir, hosts, wheels, args.seconds_per_case,
                                         args.fixed_work)
+            if slices is not None:
+                for host in hosts:
+                    slices.confine(host)
+                sliced, _ = one_vs_four(workdir, hosts, wheels, args.seconds_per_case, None)
         finally:
             lab.close()
-    print_table(over, budget, work)
+            if slices is not None:
+                slices.release()
+    print_table(over, budget, work, sliced, args.host_cores)
     return 0
 
 
