@@ -65,6 +65,9 @@ def _variant(item: str) -> tuple[str, int | str | None]:
     if kernel not in CAPS or not cap:
         raise SystemExit(f"--regs: {item!r} is not KERNEL=CAP with KERNEL one of "
                          f"{', '.join(CAPS)}")
+    if cap == "auto" and kernel != "scan":
+        raise SystemExit(f"--regs: {item!r}: auto (the forward's rule) applies to the scan "
+                         "only; give a number of registers or none")
     return kernel, None if cap == "none" else cap if cap == "auto" else int(cap)
 
 
