@@ -99,7 +99,8 @@ def test_runs_and_fetches_log_in_once_a_host_and_start_in_three_commands(
     # Once the runner's virtualenv and the job script are on the host, a launch needs
     # three: the home folder with the virtualenv's install marker, the run folder (with
     # the free space and whether the job script is there), and the job's start. A fetch
-    # of several runs logs in to a host once.
+    # of several runs logs in to a host once, even when one of its bundles is refused:
+    # a bad bundle is no reason to drop a link that works.
     alpha = hosts["alpha"]
     write_env(alpha)
     wheels = ["--wheels", str(wheels_dir), "--no-report"]
@@ -116,10 +117,17 @@ def test_runs_and_fetches_log_in_once_a_host_and_start_in_three_commands(
         runs.append(run_id_of(started.stdout))
         assert alpha.wait_for_job_end(runs[-1]) == 0
 
+    # fetch takes the newest run first: its refusal comes before the other run's fetch.
+    results_file = alpha.remote_path / "runs" / runs[1] / "bundle" / "results.json"
+    data = json.loads(results_file.read_text())
+    data["results"][0]["gate"]["rel_error"] = 0.5  # edited after the runner signed it
+    results_file.write_text(json.dumps(data, indent=2))
+
     mark = alpha.log_mark()
     fetched = cli("fetch", cwd=workdir)
-    assert fetched.returncode == 0, fetched.output
-    assert stored_bundles(workdir / "results") == {(run, "alpha") for run in runs}
+    assert fetched.returncode == 3, fetched.output
+    assert f"{runs[1]} alpha" in fetched.output and "bundle refused" in fetched.stderr
+    assert stored_bundles(workdir / "results") == {(runs[0], "alpha")}
     assert alpha.sessions_since(mark).logins == 1
 
 

@@ -121,6 +121,12 @@ class Connection:
             self._transport.close()
             self._transport = None
 
+    def is_open(self) -> bool:
+        """Whether the link is up and logged in. A command that failed on the host leaves
+        it so; a cut link, an unanswered host or a timeout closes it."""
+        transport = self._transport
+        return transport is not None and transport.is_active() and transport.is_authenticated()
+
     def home(self) -> str:
         """The remote user's home folder (remote paths here are relative to it)."""
         if self._home is None:

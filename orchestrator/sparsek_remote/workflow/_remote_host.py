@@ -60,8 +60,8 @@ class HostOutcome:
 
 class Links:
     """Connections kept open across the runs of one command (a fetch of several runs):
-    one login a host instead of one a run and host. A link that failed is dropped, so
-    the next run on that host connects afresh."""
+    one login a host instead of one a run and host. A link that went down is dropped,
+    so the next run on that host connects afresh."""
 
     def __init__(self) -> None:
         self._open: dict[str, remote.Connection] = {}
@@ -138,7 +138,11 @@ class RunContext:
         try:
             yield conn
         except BaseException:
-            self.links.drop(alias)
+            # A step that failed on a link still up (a refused bundle, a failed runner)
+            # keeps it for the next run; a link that is down is dropped, so the next run
+            # connects afresh.
+            if not conn.is_open():
+                self.links.drop(alias)
             raise
 
 
