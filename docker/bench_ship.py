@@ -9,6 +9,8 @@ It deploys a copy of the tree (never the checkout itself) and prints one table:
 
   raw link            head -c N /dev/zero | ssh host 'cat > /dev/null'
   source              docker save TAG > /dev/null: the fastest any ship can read the image
+  sink                docker load -i FILE on the host, the archive already there (ssh
+                      carries only the command): the fastest the host can take it in
   baseline            docker save TAG | ssh host docker load (bytes and seconds)
   first deploy        every layer, into an empty daemon
   unchanged deploy    bars: 0 image bytes, <= 3 s
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import secrets
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -85,7 +88,9 @@ def run(args: argparse.Namespace, work: Path, host: LoopbackSshd | _External) ->
     client = images.docker_client()
     built = workflow.build(tree, options)
     raw, raw_rate = _raw_link(host, args.raw_bytes)
-    rows = [raw, _source(built.tag)]
+    source, source_rate = _source(built.tag)
+    sink, sink_rate = _sink(host, built.tag, work)
+    rows = [raw, source, sink]
     baseline, baseline_s = _baseline(host, built.tag)
     rows.append(baseline)
     _forget(host, built.tag)
@@ -96,7 +101,8 @@ def run(args: argparse.Namespace, work: Path, host: LoopbackSshd | _External) ->
     again, again_s = _deploy(settings, tree, options, args.codec)
     rows.append(Row("unchanged deploy", f"{again.ship.wire_bytes} B sent, {again_s:.2f} s",
                     "0 B and <= 3 s", again.ship.wire_bytes == 0 and again_s <= 3.0))
-    rows += _throughput(settings, client, built, first, raw_rate, args.codec)
+    rows += _throughput(settings, client, built, first, raw_rate, args.codec,
+                        min(source_rate, sink_rate))
     rows += _kernel_change(settings, tree, options, args.codec, client)
     return rows
 
@@ -112,7 +118,7 @@ def _raw_link(host: LoopbackSshd | _External, size: int) -> tuple[Row, float]:
                f"({_mb(size)} in {seconds:.1f} s)"), rate
 
 
-def _source(tag: str) -> Row:
+def _source(tag: str) -> tuple[Row, float]:
     """How fast this daemon hands out the image at all: no ship can be faster."""
     started = time.monotonic()
     saver = subprocess.Popen(["docker", "save", tag], stdout=subprocess.PIPE)
@@ -121,8 +127,28 @@ def _source(tag: str) -> Row:
         size += len(chunk)
     saver.wait()
     seconds = time.monotonic() - started
-    return Row("source: docker save > /dev/null", f"{size / seconds / 1e6:.0f} MB/s "
-               f"({_mb(size)} in {seconds:.1f} s)")
+    rate = size / seconds / 1e6
+    return Row("source: docker save > /dev/null", f"{rate:.0f} MB/s "
+               f"({_mb(size)} in {seconds:.1f} s)"), rate
+
+
+def _sink(host: LoopbackSshd | _External, tag: str, work: Path) -> tuple[Row, float]:
+    """How fast the host's daemon takes the image in at all, from a file already on the
+    host (loopback hosts share this machine's disk): no ship that ends in docker load can
+    deliver faster."""
+    archive = work / "sink.tar"
+    subprocess.run(["docker", "save", "-o", str(archive), tag], check=True)
+    _forget(host, tag)
+    started = time.monotonic()
+    subprocess.run([*host.ssh_argv(), f"docker load -i {shlex.quote(str(archive))}"],
+                   check=True, stdout=subprocess.DEVNULL)
+    seconds = time.monotonic() - started
+    size = archive.stat().st_size
+    archive.unlink()
+    _forget(host, tag)
+    rate = size / seconds / 1e6
+    return Row("sink: docker load -i FILE on the host", f"{rate:.0f} MB/s "
+               f"({_mb(size)} in {seconds:.1f} s)"), rate
 
 
 def _baseline(host: LoopbackSshd | _External, tag: str) -> tuple[Row, float]:
@@ -167,7 +193,10 @@ def _kernel_change(settings: Settings, tree: Path, options: images.BuildOptions,
 
 
 def _throughput(settings: Settings, client, built: images.BuiltImage,
-                first: workflow.HostDeployment, raw_rate: float, codec: str) -> list[Row]:
+                first: workflow.HostDeployment, raw_rate: float, codec: str,
+                docker_rate: float) -> list[Row]:
+    """The stream alone into ``cat``, and the first deploy's delivery rate; docker_rate
+    is the slower of docker save and docker load alone, above which no ship can go."""
     archive = images.PartialArchive(client, built.info, built.tag,
                                     images.HostImages(None, frozenset()),
                                     images.archive_layout(client, built.info), codec=codec)
@@ -187,6 +216,8 @@ def _throughput(settings: Settings, client, built: images.BuiltImage,
         Row("ship throughput, image delivered",
             f"{image_rate:.0f} MB/s of image = {image_rate / raw_rate:.2f}x raw "
             f"({ship_rate:.0f} MB/s on the wire)", ">= 0.8x raw", image_rate >= 0.8 * raw_rate),
+        Row("  ceiling: slower of docker save and load alone",
+            f"{docker_rate:.0f} MB/s = {docker_rate / raw_rate:.2f}x raw"),
     ]
 
 
