@@ -22,7 +22,7 @@ It deploys a copy of the tree (never the checkout itself) and prints one table:
                       are shown beside it: with gzip they are fewer than the image's.
 
 Run from the project folder, as root:
-    python docker/bench_ship.py [--codec gzip|none] [--raw-bytes 1073741824] [--rate 400mbit]
+    python docker/bench_ship.py [--codec auto|gzip|none] [--raw-bytes 1073741824] [--rate 400mbit]
 --rate puts the host in a network namespace of its own behind a veth pair limited to
 that rate, for a link slower than loopback.
 The image is built as the tests build it (a local Debian base and the CPU torch wheel)
@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "orchestrator"), str(ROOT / "kernels")]
 
 from sparsek_remote import images, remote, workflow  # noqa: E402
-from sparsek_remote.images._compress import BlockCompressor  # noqa: E402
+from sparsek_remote.images._compress import BLOCK_BYTES, BlockCompressor  # noqa: E402
 from sparsek_remote.images._stream import ChunkReader, SavedArchive  # noqa: E402
 from sparsek_remote.settings import HostSettings, Settings  # noqa: E402
 from tests.integration.docker_fixtures import (  # noqa: E402
@@ -212,7 +212,8 @@ def _throughput(settings: Settings, client, built: images.BuiltImage,
     return [
         Row("stream only (no docker load)",
             f"{stats.tar_bytes / stream_s / 1e6:.0f} MB/s of image, {wire_rate:.0f} MB/s "
-            f"sent = {wire_rate / raw_rate:.2f}x raw ({stream_s:.1f} s)"),
+            f"sent = {wire_rate / raw_rate:.2f}x raw ({stream_s:.1f} s; "
+            f"{stats.stored_blocks} of {-(-stats.tar_bytes // BLOCK_BYTES)} blocks stored)"),
         Row("ship throughput, image delivered",
             f"{image_rate:.0f} MB/s of image = {image_rate / raw_rate:.2f}x raw "
             f"({ship_rate:.0f} MB/s on the wire)", ">= 0.8x raw", image_rate >= 0.8 * raw_rate),
@@ -356,7 +357,7 @@ def _mkdir(path: Path) -> Path:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--codec", choices=images.CODECS, default="gzip")
+    parser.add_argument("--codec", choices=images.CODECS, default="auto")
     parser.add_argument("--raw-bytes", type=int, default=1 << 30)
     parser.add_argument("--rate", help="limit the link to this tc rate, e.g. 400mbit "
                         "(the host then sits in a network namespace of its own)")

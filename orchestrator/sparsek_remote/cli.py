@@ -345,7 +345,8 @@ def deploy(
     torch_spec: Annotated[str, typer.Option(help="Which PyTorch.")] = (
         workflow.BuildOptions.torch_spec),
     compression: Annotated[str, typer.Option(
-        help="gzip (for real links) or none (for very fast ones).")] = "gzip",
+        help="auto (gzip where the link is slower than the compressor, else blocks sent "
+             "as they are), gzip (always) or none.")] = "auto",
     trust_new_host_key: Annotated[bool, typer.Option(
         "--trust-new-host-key",
         help="Record the key of a host never seen before (compare its fingerprint first).")
@@ -356,8 +357,9 @@ def deploy(
     """Build the image (skipped when the tree is unchanged), send every docker host only
     the layers it lacks, install bare hosts, and show what each host offers."""
     with _handled(as_json):
-        if compression not in ("gzip", "none"):
-            raise ConfigError(f"--compression must be gzip or none, not {compression!r}")
+        if compression not in workflow.CODECS:
+            raise ConfigError(f"--compression must be one of {', '.join(workflow.CODECS)}, "
+                              f"not {compression!r}")
         options = workflow.BuildOptions(
             builder_image=builder_image, runtime_image=runtime_image,
             torch_index_url=torch_index_url, torch_spec=torch_spec, wheel_dir=wheels,

@@ -4,6 +4,12 @@ The archive is cut into blocks of a few megabytes and each block becomes a gzip 
 of its own, compressed on a thread pool (zlib lets go of the interpreter lock while it
 works). Concatenated gzip members are one valid gzip stream, which ``docker load``
 reads like any other. Output keeps the input's order.
+
+Compression pays only while the link is slower than the compressor. With ``adaptive``
+each block's level is chosen as the stream goes: when the sender had to wait for a
+block still being compressed, the next blocks are stored (level 0: a gzip member that
+costs a copy and a checksum); when finished blocks wait for the sender, they are
+compressed again. So a slow link gets gzip's savings and a fast one is not held back.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 BLOCK_BYTES = 4 << 20
 _PASS_THROUGH_BYTES = 1 << 20
+STORED = 0  # a gzip member without compression
 
 
 def _gzip_member(data: bytes, level: int) -> bytes:
@@ -24,16 +31,38 @@ def _gzip_member(data: bytes, level: int) -> bytes:
     return packer.compress(data) + packer.flush()
 
 
+class LevelChoice:
+    """The level of each next block: ``level`` while the compressor keeps ahead of the
+    sender, STORED after the sender had to wait for it. Fixed at ``level`` unless
+    ``adaptive``."""
+
+    def __init__(self, level: int, adaptive: bool) -> None:
+        self.level = level
+        self.adaptive = adaptive
+        self.sender_waited = False
+        self.blocks = collections.Counter()
+
+    def observe(self, sender_waited: bool) -> None:
+        """What the last hand-over saw: whether the sender waited for a block."""
+        self.sender_waited = sender_waited
+
+    def next(self) -> int:
+        level = STORED if self.adaptive and self.sender_waited else self.level
+        self.blocks[level] += 1
+        return level
+
+
 class BlockCompressor:
     """Feed bytes in, take compressed chunks out; ``finish`` flushes the rest.
 
     ``codec`` "gzip" compresses at ``level`` on ``workers`` threads (default: one per
-    core); "none" passes the bytes through in chunks of about a megabyte.
+    core); "auto" is gzip with the level chosen per block (``LevelChoice``); "none"
+    passes the bytes through in chunks of about a megabyte.
     """
 
     def __init__(self, codec: str, level: int = 1, workers: int | None = None) -> None:
-        self._gzip = codec == "gzip"
-        self._level = level
+        self._gzip = codec in ("gzip", "auto")
+        self.levels = LevelChoice(level, adaptive=codec == "auto")
         self._workers = max(1, workers or os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(self._workers) if self._gzip else None
         self._pending: collections.deque[Future[bytes]] = collections.deque()
@@ -66,12 +95,15 @@ class BlockCompressor:
             self.wire_bytes += len(block)
             yield block
             return
-        self._pending.append(self._pool.submit(_gzip_member, block, self._level))
+        self._pending.append(self._pool.submit(_gzip_member, block, self.levels.next()))
 
     def _ready(self, wait: bool) -> Iterator[bytes]:
         """Hand out finished blocks in order; block while too many are in flight."""
         while self._pending and (wait or self._pending[0].done()
                                  or len(self._pending) > 2 * self._workers):
-            chunk = self._pending.popleft().result()
+            head = self._pending.popleft()
+            if not wait:  # at the end, waiting for the last blocks says nothing
+                self.levels.observe(sender_waited=not head.done())
+            chunk = head.result()
             self.wire_bytes += len(chunk)
             yield chunk

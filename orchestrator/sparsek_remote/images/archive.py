@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Literal
 
 from sparsek_remote.errors import ImageError
-from sparsek_remote.images._compress import BlockCompressor
+from sparsek_remote.images._compress import STORED, BlockCompressor
 from sparsek_remote.images._stream import CHUNK_BYTES, SavedArchive
 from sparsek_remote.images.build import ImageInfo, docker_errors
 from sparsek_remote.images.layers import ArchiveLayout, HostImages
@@ -18,8 +18,9 @@ from sparsek_remote.images.layers import ArchiveLayout, HostImages
 if TYPE_CHECKING:  # docker itself is imported where a client is made (build.py)
     import docker
 
-Codec = Literal["gzip", "none"]
-CODECS: tuple[Codec, ...] = ("gzip", "none")
+# auto: gzip, each block compressed or stored as the link needs (see _compress).
+Codec = Literal["auto", "gzip", "none"]
+CODECS: tuple[Codec, ...] = ("auto", "gzip", "none")
 # docker load recognises gzip by itself; zstd it reads only from Docker 23 on
 # (20.10 answers "archive/tar: invalid tar header"), so gzip is the portable choice.
 LOAD_ARGV = ("docker", "load")
@@ -38,6 +39,7 @@ class ArchiveStats:
     wire_bytes: int
     seconds: float
     unplaced_layers: int = 0
+    stored_blocks: int = 0  # gzip blocks sent uncompressed (codec auto, a fast link)
 
 
 class PartialArchive:
@@ -49,7 +51,7 @@ class PartialArchive:
     """
 
     def __init__(self, client: docker.DockerClient, image: ImageInfo, ref: str,
-                 host: HostImages, layout: ArchiveLayout, *, codec: Codec = "gzip",
+                 host: HostImages, layout: ArchiveLayout, *, codec: Codec = "auto",
                  level: int = 1, workers: int | None = None) -> None:
         if codec not in CODECS:
             raise ImageError(f"unknown compression {codec!r}", hint=f"use one of {CODECS}")
@@ -72,7 +74,7 @@ class PartialArchive:
             sink.close()
         self.stats = ArchiveStats(self._layers_total, self._layers_sent, sink.raw_bytes,
                                   sink.wire_bytes, time.monotonic() - started,
-                                  len(self._unplaced))
+                                  len(self._unplaced), sink.levels.blocks[STORED])
 
     def write_to(self, out: BinaryIO) -> ArchiveStats:
         """Write the archive to a binary file object; return what it carried."""

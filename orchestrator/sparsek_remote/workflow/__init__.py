@@ -4,6 +4,7 @@ fetch, cancel, trust), ``deploy`` (build the image, ship it, probe every host).
 Only the command line imports this package."""
 
 from sparsek_remote.workflow.deploy import (
+    CODECS,
     BuildOptions,
     DeployOutcome,
     HostDeployment,
@@ -36,5 +37,5 @@ __all__ = ["DockerRunner", "HostOutcome", "RemoteOutcome", "RunOutcome", "build_
            "cancel_run", "fetch_runs", "git_state", "make_report", "resolve_targets",
            "resume_run", "run_job", "run_on_hosts", "trust_hosts"]
 # deploy
-__all__ += ["BuildOptions", "DeployOutcome", "Deployment", "Gpu", "HostDeployment",
+__all__ += ["CODECS", "BuildOptions", "DeployOutcome", "Deployment", "Gpu", "HostDeployment",
             "Preflight", "ShipResult", "build", "deploy", "docker_runner", "load_deployment"]

@@ -31,6 +31,7 @@ from sparsek_remote.workflow.deployments import Deployment, save_deployment
 from sparsek_remote.workflow.preflight import HostKind, Preflight
 
 BuildOptions = images.BuildOptions  # the command line builds one without importing images
+CODECS = images.CODECS  # and checks --compression against these
 
 EventSink = Callable[[dict[str, Any]], None]
 # Most seconds a short question to a host may take in all. docker load has no limit:
@@ -120,7 +121,7 @@ class _Shared:
 
 
 def deploy(settings: Settings, *, project_root: Path, aliases: list[str] | None = None,
-           options: images.BuildOptions | None = None, codec: images.Codec = "gzip",
+           options: images.BuildOptions | None = None, codec: images.Codec = "auto",
            trust_new_host_key: bool = False, connect_timeout_s: float = 15.0,
            on_event: EventSink | None = None) -> DeployOutcome:
     """Build the image, then ship and probe every host in ``aliases`` (default: all)."""
