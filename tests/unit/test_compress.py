@@ -48,13 +48,14 @@ def test_the_level_follows_who_waits() -> None:
     fixed = LevelChoice(1, adaptive=False)
     fixed.observe(sender_waited=True)
     assert fixed.next() == 1
-    auto = LevelChoice(1, adaptive=True)
+    auto = LevelChoice(1, adaptive=True, hold=3)
     assert auto.next() == 1  # nothing seen yet: compress
     auto.observe(sender_waited=True)
-    assert auto.next() == STORED
-    auto.observe(sender_waited=False)
-    assert auto.next() == 1
-    assert auto.blocks == {1: 2, STORED: 1}
+    auto.observe(sender_waited=False)  # one block in time does not end the hold
+    assert [auto.next(), auto.next()] == [STORED, STORED]
+    auto.observe(sender_waited=True)  # another wait starts it again
+    assert [auto.next() for _ in range(4)] == [STORED, STORED, STORED, 1]
+    assert auto.blocks == {1: 2, STORED: 5}
 
 
 def test_auto_stores_blocks_when_the_compressor_holds_the_sender_back() -> None:

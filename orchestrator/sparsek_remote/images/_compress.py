@@ -7,9 +7,9 @@ reads like any other. Output keeps the input's order.
 
 Compression pays only while the link is slower than the compressor. With ``adaptive``
 each block's level is chosen as the stream goes: when the sender had to wait for a
-block still being compressed, the next blocks are stored (level 0: a gzip member that
-costs a copy and a checksum); when finished blocks wait for the sender, they are
-compressed again. So a slow link gets gzip's savings and a fast one is not held back.
+block still being compressed, the next few blocks are stored (level 0: a gzip member
+that costs a copy and a checksum); once finished blocks wait for the sender again, they
+are compressed again. So a slow link gets gzip's savings and a fast one is not held back.
 """
 
 from __future__ import annotations
@@ -33,21 +33,25 @@ def _gzip_member(data: bytes, level: int) -> bytes:
 
 class LevelChoice:
     """The level of each next block: ``level`` while the compressor keeps ahead of the
-    sender, STORED after the sender had to wait for it. Fixed at ``level`` unless
-    ``adaptive``."""
+    sender; after the sender had to wait for it, STORED for the next ``hold`` blocks
+    (a single block compressed in time says little while the CPU is the bottleneck).
+    Fixed at ``level`` unless ``adaptive``."""
 
-    def __init__(self, level: int, adaptive: bool) -> None:
+    def __init__(self, level: int, adaptive: bool, hold: int = 8) -> None:
         self.level = level
         self.adaptive = adaptive
-        self.sender_waited = False
+        self.hold = hold
+        self._store_left = 0
         self.blocks = collections.Counter()
 
     def observe(self, sender_waited: bool) -> None:
-        """What the last hand-over saw: whether the sender waited for a block."""
-        self.sender_waited = sender_waited
+        """What a hand-over saw: whether the sender waited for a block."""
+        if sender_waited:
+            self._store_left = self.hold
 
     def next(self) -> int:
-        level = STORED if self.adaptive and self.sender_waited else self.level
+        level = STORED if self.adaptive and self._store_left > 0 else self.level
+        self._store_left = max(self._store_left - 1, 0)
         self.blocks[level] += 1
         return level
 
@@ -102,7 +106,9 @@ class BlockCompressor:
         while self._pending and (wait or self._pending[0].done()
                                  or len(self._pending) > 2 * self._workers):
             head = self._pending.popleft()
-            if not wait:  # at the end, waiting for the last blocks says nothing
+            # Waiting for the first block (the pipeline filling) or for the last ones
+            # (finish) says nothing of the compressor's pace against the link's.
+            if not wait and self.wire_bytes > 0:
                 self.levels.observe(sender_waited=not head.done())
             chunk = head.result()
             self.wire_bytes += len(chunk)
