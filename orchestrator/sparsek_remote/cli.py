@@ -345,8 +345,8 @@ def deploy(
     torch_spec: Annotated[str, typer.Option(help="Which PyTorch.")] = (
         workflow.BuildOptions.torch_spec),
     compression: Annotated[str, typer.Option(
-        help="auto (gzip where the link is slower than the compressor, else blocks sent "
-             "as they are), gzip (always) or none.")] = "auto",
+        help="auto (each block gzipped or stored, whichever has lately moved the image "
+             "faster), gzip (every block) or none.")] = "auto",
     trust_new_host_key: Annotated[bool, typer.Option(
         "--trust-new-host-key",
         help="Record the key of a host never seen before (compare its fingerprint first).")

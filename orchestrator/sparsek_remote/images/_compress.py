@@ -6,16 +6,16 @@ works). Concatenated gzip members are one valid gzip stream, which ``docker load
 reads like any other. Output keeps the input's order.
 
 Compression pays only while the link is slower than the compressor. With ``adaptive``
-each block's level is chosen as the stream goes: when the sender had to wait for a
-block still being compressed, the next few blocks are stored (level 0: a gzip member
-that costs a copy and a checksum); once finished blocks wait for the sender again, they
-are compressed again. So a slow link gets gzip's savings and a fast one is not held back.
+each block's level is chosen as the stream goes: compressed or stored (level 0: a gzip
+member that costs a copy and a checksum), whichever has lately moved more of the image
+per second (``LevelChoice``). So a slow link gets gzip's savings and a fast one is not held back.
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import time
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,28 +32,52 @@ def _gzip_member(data: bytes, level: int) -> bytes:
 
 
 class LevelChoice:
-    """The level of each next block: ``level`` while the compressor keeps ahead of the
-    sender; after the sender had to wait for it, STORED for the next ``hold`` blocks
-    (a single block compressed in time says little while the CPU is the bottleneck).
-    Fixed at ``level`` unless ``adaptive``."""
+    """The level of each next block: whichever of ``level`` and STORED has been moving
+    more of the image per second.
 
-    def __init__(self, level: int, adaptive: bool, hold: int = 8) -> None:
+    Each cycle tries ``probe`` blocks at ``level``, then ``probe`` stored, then gives
+    the next ``hold`` blocks to the faster of the two; the compressor credits each
+    block handed to the sender with the seconds since the previous one. So the choice
+    follows whatever binds (the link, the compressor, the source) without knowing which.
+    Fixed at ``level`` unless ``adaptive``.
+    """
+
+    def __init__(self, level: int, adaptive: bool, probe: int = 8, hold: int = 32) -> None:
         self.level = level
         self.adaptive = adaptive
-        self.hold = hold
-        self._store_left = 0
+        self.probe, self.hold = probe, hold
+        self._plan: list[int] = []
+        self._moved: dict[int, list[float]] = {}  # level -> [image bytes, seconds]
         self.blocks = collections.Counter()
 
-    def observe(self, sender_waited: bool) -> None:
-        """What a hand-over saw: whether the sender waited for a block."""
-        if sender_waited:
-            self._store_left = self.hold
+    def credit(self, level: int, raw_bytes: int, seconds: float) -> None:
+        """A block of ``raw_bytes`` at ``level`` took ``seconds`` to reach the sender."""
+        moved = self._moved.setdefault(level, [0.0, 0.0])
+        moved[0] += raw_bytes
+        moved[1] += seconds
+
+    def rate(self, level: int) -> float:
+        moved, seconds = self._moved.get(level, (0.0, 0.0))
+        return moved / seconds if seconds > 0 else 0.0
 
     def next(self) -> int:
-        level = STORED if self.adaptive and self._store_left > 0 else self.level
-        self._store_left = max(self._store_left - 1, 0)
+        if not self.adaptive:
+            level = self.level
+        else:
+            if not self._plan:
+                self._plan = self._next_cycle()
+            level = self._plan.pop()
         self.blocks[level] += 1
         return level
+
+    def _next_cycle(self) -> list[int]:
+        """Blocks in reverse order: the probes, or the faster level's hold."""
+        tried = self.level in self._moved and STORED in self._moved
+        if not tried:
+            return [STORED] * self.probe + [self.level] * self.probe
+        best = STORED if self.rate(STORED) > self.rate(self.level) else self.level
+        self._moved.clear()  # the next probes measure afresh
+        return [best] * self.hold
 
 
 class BlockCompressor:
@@ -69,7 +93,10 @@ class BlockCompressor:
         self.levels = LevelChoice(level, adaptive=codec == "auto")
         self._workers = max(1, workers or os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(self._workers) if self._gzip else None
-        self._pending: collections.deque[Future[bytes]] = collections.deque()
+        # (future of the gzip member, its level, its raw size), in the input's order
+        self._pending: collections.deque[tuple[Future[bytes], int, int]] = (
+            collections.deque())
+        self._handed_at: float | None = None
         self._buffer = bytearray()
         self.raw_bytes = 0
         self.wire_bytes = 0
@@ -99,17 +126,20 @@ class BlockCompressor:
             self.wire_bytes += len(block)
             yield block
             return
-        self._pending.append(self._pool.submit(_gzip_member, block, self.levels.next()))
+        level = self.levels.next()
+        self._pending.append((self._pool.submit(_gzip_member, block, level), level,
+                              len(block)))
 
     def _ready(self, wait: bool) -> Iterator[bytes]:
         """Hand out finished blocks in order; block while too many are in flight."""
-        while self._pending and (wait or self._pending[0].done()
+        while self._pending and (wait or self._pending[0][0].done()
                                  or len(self._pending) > 2 * self._workers):
-            head = self._pending.popleft()
-            # Waiting for the first block (the pipeline filling) or for the last ones
-            # (finish) says nothing of the compressor's pace against the link's.
-            if not wait and self.wire_bytes > 0:
-                self.levels.observe(sender_waited=not head.done())
+            head, level, size = self._pending.popleft()
             chunk = head.result()
+            now = time.monotonic()
+            # The first block's time is the pipeline filling, not a pace.
+            if self._handed_at is not None:
+                self.levels.credit(level, size, now - self._handed_at)
+            self._handed_at = now
             self.wire_bytes += len(chunk)
             yield chunk
