@@ -110,6 +110,8 @@ class CpuSlices:
         if host.proc is None:
             raise RuntimeError(f"the sshd of {host.alias} is not running")
         if not self.groups:
+            if self.v2:  # cgroup v2 hands a controller down one level at a time
+                (self.V2 / "cgroup.subtree_control").write_text("+cpu")
             self.root.mkdir()
             if self.v2:
                 (self.root / "cgroup.subtree_control").write_text("+cpu")

@@ -56,6 +56,7 @@ def test_the_level_is_the_one_that_moved_more_per_second() -> None:
     auto.credit(1, 200, 2.0)
     auto.credit(STORED, 200, 1.0)  # stored moved twice as much a second
     assert [auto.next() for _ in range(3)] == [STORED] * 3
+    auto.credit(STORED, 6000, 1.0)  # the hold's blocks: fast, but not the next probe's
     assert [auto.next() for _ in range(4)] == [1, 1, STORED, STORED]  # probes again
     auto.credit(1, 300, 1.0)
     auto.credit(STORED, 300, 3.0)  # now the link is the slower part

@@ -47,6 +47,7 @@ class LevelChoice:
         self.adaptive = adaptive
         self.probe, self.hold = probe, hold
         self._plan: list[int] = []
+        self._holding = False  # the plan is a hold, not probes
         self._moved: dict[int, list[float]] = {}  # level -> [image bytes, seconds]
         self.blocks = collections.Counter()
 
@@ -71,12 +72,15 @@ class LevelChoice:
         return level
 
     def _next_cycle(self) -> list[int]:
-        """Blocks in reverse order: the probes, or the faster level's hold."""
+        """Blocks in reverse order: the probes, or the faster level's hold. Each probe
+        cycle measures afresh: what the hold moved would outweigh it."""
+        if self._holding:
+            self._moved.clear()
         tried = self.level in self._moved and STORED in self._moved
-        if not tried:
+        self._holding = tried
+        if not tried:  # also while the probes' blocks are still on their way
             return [STORED] * self.probe + [self.level] * self.probe
         best = STORED if self.rate(STORED) > self.rate(self.level) else self.level
-        self._moved.clear()  # the next probes measure afresh
         return [best] * self.hold
 
 

@@ -306,7 +306,7 @@ class Connection:
         """Whether the host's sshd still replies (a keepalive request), within the
         connect timeout: tells a busy host from a cut link."""
         transport = self._transport
-        if transport is None or not transport.is_active() or not transport.is_authenticated():
+        if transport is None or not self.is_open():
             return False
         replied = threading.Event()
 
