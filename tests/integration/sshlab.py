@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -191,13 +192,22 @@ class SshHost:
         return (self.folder / "sshd.log").stat().st_size
 
     def sessions_since(self, mark: int) -> SshdSessions:
-        """Logins, commands and ended connections this host's sshd logged after mark."""
+        """Logins this host's sshd logged after mark, and the commands and ends of those
+        connections (told apart by the client's port). A connection of an earlier test
+        that sshd ends only now (a cut link is dropped after 15 s) does not count."""
         with open(self.folder / "sshd.log", "rb") as log:
             log.seek(mark)
             text = log.read().decode("utf-8", errors="replace")
-        return SshdSessions(logins=text.count(f"Accepted publickey for {LOGIN_USER} "),
-                            commands=text.count("Starting session: command "),
-                            disconnects=text.count("Closing connection to "))
+        ports = set(re.findall(rf"Accepted publickey for {LOGIN_USER} from \S+ port (\d+)",
+                               text))
+
+        def count(pattern: str) -> int:
+            return sum(port in ports for port in re.findall(pattern, text))
+
+        return SshdSessions(logins=len(ports),
+                            commands=count(r"Starting session: command for \S+ from \S+ "
+                                           r"port (\d+)"),
+                            disconnects=count(r"Closing connection to \S+ port (\d+)"))
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

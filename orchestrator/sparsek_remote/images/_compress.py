@@ -37,7 +37,7 @@ class LevelChoice:
 
     Each cycle tries ``probe`` blocks at ``level``, then ``probe`` stored, then gives
     the next ``hold`` blocks to the faster of the two; the compressor credits each
-    block handed to the sender with the seconds since the previous one. So the choice
+    block with the seconds the sender waited for it and then spent on it. So the choice
     follows whatever binds (the link, the compressor, the source) without knowing which.
     Fixed at ``level`` unless ``adaptive``.
     """
@@ -87,12 +87,14 @@ class LevelChoice:
 class BlockCompressor:
     """Feed bytes in, take compressed chunks out; ``finish`` flushes the rest.
 
-    ``codec`` "gzip" compresses at ``level`` on ``workers`` threads (default: one per
-    core); "auto" is gzip with the level chosen per block (``LevelChoice``); "none"
-    passes the bytes through in chunks of about a megabyte.
+    ``codec`` "gzip" compresses blocks of ``block_bytes`` at ``level`` on ``workers``
+    threads (default: one per core); "auto" is gzip with the level chosen per block
+    (``LevelChoice``); "none" passes the bytes through in chunks of about a megabyte.
     """
 
-    def __init__(self, codec: str, level: int = 1, workers: int | None = None) -> None:
+    def __init__(self, codec: str, level: int = 1, workers: int | None = None,
+                 block_bytes: int = BLOCK_BYTES) -> None:
+        self._block_bytes = block_bytes
         self._gzip = codec in ("gzip", "auto")
         self.levels = LevelChoice(level, adaptive=codec == "auto")
         self._workers = max(1, workers or os.cpu_count() or 1)
@@ -100,7 +102,7 @@ class BlockCompressor:
         # (future of the gzip member, its level, its raw size), in the input's order
         self._pending: collections.deque[tuple[Future[bytes], int, int]] = (
             collections.deque())
-        self._handed_at: float | None = None
+        self._handed_any = False
         self._buffer = bytearray()
         self.raw_bytes = 0
         self.wire_bytes = 0
@@ -108,7 +110,7 @@ class BlockCompressor:
     def feed(self, data: bytes) -> Iterator[bytes]:
         self.raw_bytes += len(data)
         self._buffer += data
-        limit = BLOCK_BYTES if self._gzip else _PASS_THROUGH_BYTES
+        limit = self._block_bytes if self._gzip else _PASS_THROUGH_BYTES
         if len(self._buffer) >= limit:
             yield from self._emit_block()
         yield from self._ready(wait=False)
@@ -139,11 +141,14 @@ class BlockCompressor:
         while self._pending and (wait or self._pending[0][0].done()
                                  or len(self._pending) > 2 * self._workers):
             head, level, size = self._pending.popleft()
+            began = time.monotonic()
             chunk = head.result()
-            now = time.monotonic()
-            # The first block's time is the pipeline filling, not a pace.
-            if self._handed_at is not None:
-                self.levels.credit(level, size, now - self._handed_at)
-            self._handed_at = now
+            waited = time.monotonic() - began
             self.wire_bytes += len(chunk)
-            yield chunk
+            began = time.monotonic()
+            yield chunk  # the sender has it until it asks for more
+            # A block costs the wait for its compression and the sender's time on it.
+            # The first block's wait is the pipeline filling, not a pace.
+            if self._handed_any:
+                self.levels.credit(level, size, waited + time.monotonic() - began)
+            self._handed_any = True
