@@ -35,6 +35,9 @@ MAX_NEWTON = 100
 # Queries per selection program: small tiles, many programs per SM, so the solvers' short
 # dependent loads overlap across programs instead of stalling one large program.
 SELECT_ROWS = 16
+# Per-query programs per row behind the scan, which redo only the rows it flagged (none,
+# on random scores): each takes every GATED_PROGRAMS-th query group of its row.
+GATED_PROGRAMS = 8
 # Register slots for the scores that bend inside a block's threshold bracket (the causal
 # fast path); a block with more takes the generic path.
 SLOTS = 32
@@ -191,7 +194,10 @@ def _select_causal(scores, z, sp, rank, budget, window, cfg) -> Selection:
         BM=cfg.block_m, CH=cfg.chunk, GATED=scan, num_warps=4,
         **_cap(BOUNDARY_MAX_REGISTERS))
     sub = min(cfg.block_m, SELECT_ROWS)
-    sparsek_block_causal_fwd_kernel[(nblk * (cfg.block_m // sub), bh)](
+    groups = nblk * (cfg.block_m // sub)
+    if scan:  # only the flagged rows are solved, by a few programs each
+        groups = min(groups, GATED_PROGRAMS)
+    sparsek_block_causal_fwd_kernel[(groups, bh)](
         z, sp, rank, scores, lists, bf, bi, tau, rk, cnt, flag, seq_len, nbnd, budget,
         window, MAX_NEWTON, BM=cfg.block_m, BQ=sub, NS=SLOTS, CHX=64,
         LOGK=budget.bit_length(), GATED=scan, num_warps=4,

@@ -325,21 +325,28 @@ def sparsek_block_causal_fwd_kernel(
     """
     i_bh = tl.program_id(1)
     if GATED:
+        # A row's few programs take its query groups in turn: most rows are not flagged,
+        # and a program per group only to read the flag cost 0.3 ms on gpt4-4k's rows.
         if tl.load(flag_ptr + i_bh) != 0:
-            _block_causal(z_ptr, sp_ptr, rank_ptr, u_ptr, g_ptr, bf_ptr, bi_ptr, tau_ptr,
-                          rk_ptr, cnt_ptr, i_bh, S, NBND, K, W, MAXIT, BM, BQ, NS, CHX, LOGK)
+            n_sub = tl.cdiv(S, BM) * (BM // BQ)
+            for i_sub in range(tl.program_id(0), n_sub, tl.num_programs(0)):
+                _block_causal(z_ptr, sp_ptr, rank_ptr, u_ptr, g_ptr, bf_ptr, bi_ptr, tau_ptr,
+                              rk_ptr, cnt_ptr, i_bh, i_sub, S, NBND, K, W, MAXIT, BM, BQ, NS,
+                              CHX, LOGK)
     else:
         _block_causal(z_ptr, sp_ptr, rank_ptr, u_ptr, g_ptr, bf_ptr, bi_ptr, tau_ptr, rk_ptr,
-                      cnt_ptr, i_bh, S, NBND, K, W, MAXIT, BM, BQ, NS, CHX, LOGK)
+                      cnt_ptr, i_bh, tl.program_id(0), S, NBND, K, W, MAXIT, BM, BQ, NS, CHX,
+                      LOGK)
 
 
 @triton.jit
 def _block_causal(z_ptr, sp_ptr, rank_ptr, u_ptr, g_ptr, bf_ptr, bi_ptr, tau_ptr, rk_ptr,
-                  cnt_ptr, i_bh, S, NBND, K, W, MAXIT, BM: tl.constexpr, BQ: tl.constexpr,
-                  NS: tl.constexpr, CHX: tl.constexpr, LOGK: tl.constexpr):
+                  cnt_ptr, i_bh, i_sub, S, NBND, K, W, MAXIT, BM: tl.constexpr,
+                  BQ: tl.constexpr, NS: tl.constexpr, CHX: tl.constexpr,
+                  LOGK: tl.constexpr):
     NSUB: tl.constexpr = BM // BQ
-    i_blk = tl.program_id(0) // NSUB
-    o_q = (tl.program_id(0) % NSUB) * BQ + tl.arange(0, BQ)  # query index in the block
+    i_blk = i_sub // NSUB
+    o_q = (i_sub % NSUB) * BQ + tl.arange(0, BQ)  # query index in the block
     row = i_bh.to(tl.int64) * S
     i0 = i_blk * BM
     q_pos = i0 + o_q

@@ -189,10 +189,17 @@ def sparsek_causal_scan_kernel(
         m_c = p_c < n_pos
         u_c = tl.load(u_ptr + row + p_c, mask=m_c, other=0.0)
         r_c = tl.load(rank_ptr + row + p_c, mask=m_c, other=0)
-        o_tau = tl.zeros([CH], tl.float32)
-        o_rk = tl.zeros([CH], tl.int32)
-        o_cnt = tl.zeros([CH], tl.int32)
-        for k in range(0, tl.minimum(CH, n_pos - c0)):
+        # Events: a position whose score may be alive (tau only rises, so a score at or
+        # below the current tau never is again) or whose query starts a block (sel starts
+        # over there). Any other position changes nothing, so its query repeats the state
+        # of the event before it: each event writes its state to the rest of the chunk,
+        # and the walk jumps from event to event.
+        ev = m_c & ((p_c <= K) | (u_c > tau) | ((p_c + W) % BM == 0))
+        o_tau = tl.zeros([CH], tl.float32) + tau
+        o_rk = tl.zeros([CH], tl.int32) + rk
+        o_cnt = tl.zeros([CH], tl.int32) + (K - sel)
+        k = tl.min(tl.where(ev, o_ch, CH), axis=0)
+        while k < CH:
             p = c0 + k
             u_p = tl.sum(tl.where(o_ch == k, u_c, 0.0), axis=0)
             r_p = tl.sum(tl.where(o_ch == k, r_c, 0), axis=0)
@@ -237,10 +244,11 @@ def sparsek_causal_scan_kernel(
                     over = over | (ok == 0).to(tl.int32)
             big = n > K
             n_g = tl.minimum(tl.maximum(base_end + 1, 0), K)
-            at_k = o_ch == k
-            o_tau = tl.where(at_k, tl.where(big, tau, float("-inf")), o_tau)
-            o_rk = tl.where(at_k, tl.where(big, rk, S), o_rk)
-            o_cnt = tl.where(at_k, tl.where(big, K - sel, n_g), o_cnt)
+            after = o_ch >= k
+            o_tau = tl.where(after, tl.where(big, tau, float("-inf")), o_tau)
+            o_rk = tl.where(after, tl.where(big, rk, S), o_rk)
+            o_cnt = tl.where(after, tl.where(big, K - sel, n_g), o_cnt)
+            k = tl.min(tl.where(ev & (o_ch > k), o_ch, CH), axis=0)
         q = p_c + W
         tl.store(tau_ptr + row + q, o_tau, mask=m_c)
         tl.store(rk_ptr + row + q, o_rk, mask=m_c)
