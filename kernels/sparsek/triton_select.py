@@ -149,10 +149,14 @@ def sparsek_boundary_fwd_kernel(
     n_g = tl.minimum(n_base, K)
     p_g = g_ptr + (i_bh.to(tl.int64) * NBND + i_b) * K
     o_ch = tl.arange(0, CH)
-    # Walk the sort from the top, compacting base members into the list.
+    # Walk the sort from the top, compacting base members into the list. The walk also
+    # keeps the rank of the K-th member and the float64 sum of the K - 1 before it: the
+    # threshold's first cursor starts there instead of walking the same ranks again.
     cnt = n_g * 0
     r0 = n_g * 0
+    r_k = n_g * 0
     z_k = tl.sum(tl.zeros([CH], tl.float32), axis=0)
+    s_k = z_k.to(tl.float64)
     while cnt < n_g:
         o = r0 + o_ch
         m_in = o < S
@@ -161,7 +165,10 @@ def sparsek_boundary_fwd_kernel(
         m_base = m_in & (b_p <= P)
         idx = cnt + tl.cumsum(m_base.to(tl.int32), axis=0) - 1
         tl.store(p_g + idx, b_p, mask=m_base & (idx < n_g))
-        z_k += tl.sum(tl.where(m_base & (idx == n_g - 1), b_z, 0.0), axis=0)
+        m_last = m_base & (idx == n_g - 1)
+        z_k += tl.sum(tl.where(m_last, b_z, 0.0), axis=0)
+        r_k += tl.sum(tl.where(m_last, o, 0), axis=0)
+        s_k += tl.sum(tl.where(m_base & (idx < n_g - 1), b_z, 0.0).to(tl.float64), axis=0)
         cnt += tl.sum(m_base.to(tl.int32), axis=0)
         r0 += CH
     tau = float("-inf") + z_k * 0
@@ -174,8 +181,8 @@ def sparsek_boundary_fwd_kernel(
     if GATED:
         solve = solve & (tl.load(flag_ptr + i_bh) != 0)
     if solve:
-        tau, d_mid, a, n, c1, c2 = _boundary_threshold(z_ptr, sp_ptr, row, z_k, P, S, K,
-                                                       MAXIT, CH)
+        tau, d_mid, a, n, c1, c2 = _boundary_threshold(z_ptr, sp_ptr, row, z_k, r_k, s_k, P,
+                                                       S, K, MAXIT, CH)
     p_f = bf_ptr + (i_bh.to(tl.int64) * NBND + i_b) * 2
     p_i = bi_ptr + (i_bh.to(tl.int64) * NBND + i_b) * 4
     tl.store(p_f, tau)
@@ -187,12 +194,16 @@ def sparsek_boundary_fwd_kernel(
 
 
 @triton.jit
-def _boundary_threshold(z_ptr, sp_ptr, row, z_k, P, S, K, MAXIT, CH: tl.constexpr):
-    """Exact tau of the base [0, P] (more than K members, K-th best score z_k)."""
+def _boundary_threshold(z_ptr, sp_ptr, row, z_k, r_k, s_k, P, S, K, MAXIT,
+                        CH: tl.constexpr):
+    """Exact tau of the base [0, P] (more than K members, the K-th best score z_k at rank
+    r_k, the K - 1 before it summing to s_k)."""
     t = z_k
     lo, hi = _outward(z_k - 1.0, z_k)
     zero = (P * 0).to(tl.int32)
-    c1, n1, s1 = zero, zero, zero.to(tl.float64)
+    # Cursor 1 (z > t) starts at the K-th member: the ranks above it hold exactly the K - 1
+    # members before it. Its first move (t = z_k) steps back over any ties with z_k.
+    c1, n1, s1 = r_k, zero + K - 1, s_k
     c2, n2, s2 = zero, zero, zero.to(tl.float64)
     prev_a, prev_n = zero - 1, zero - 1
     newton = zero != 0
