@@ -68,9 +68,20 @@ REGISTERS_PER_SM = 65536  # 32-bit registers of one SM: Hopper's and Blackwell's
 # selection on the H100: 8 warps 1.17 ms uncapped, 1.00 at 64; 4 warps 0.84 uncapped,
 # 0.77 at 96, 0.86 at 64; 2 warps 0.80 uncapped, slower capped.
 NONCAUSAL_MAX_REGISTERS: int | None = 96
-# The causal boundary-list and block kernels.
+# Warps per causal boundary program, and the ranks of the sort it takes a step (at most
+# cfg.chunk). Its steps are short reductions, and one warp needs no barrier between them:
+# measured on the H100 (bench_select --boundary), the selection of long-64k 3.52-3.55 ms at
+# 4 warps x 1024 ranks, 3.19 at 1 x 128; gpt4-4k's 3.90-4.00 -> 3.74-3.76.
+BOUNDARY_WARPS = 1
+BOUNDARY_CHUNK = 128
+# Warps per causal per-query program (SELECT_ROWS queries), capped at 96 registers. One
+# warp needs no barrier in its reductions; measured on the H100 (bench_select
+# --block-warps), long-64k's selection: 4 warps 3.22 ms, 2: 3.59, 8: 3.88, 1: 2.67, and 1
+# capped at 88-112 registers 2.35-2.52 ms.
+BLOCK_CAUSAL_WARPS = 1
+# Register caps of the causal boundary-list and per-query kernels.
 BOUNDARY_MAX_REGISTERS: int | None = None
-BLOCK_CAUSAL_MAX_REGISTERS: int | None = None
+BLOCK_CAUSAL_MAX_REGISTERS: int | None = 96
 
 
 def scan_register_cap(rows: int, warps: int, sms: int) -> int | None:
@@ -191,7 +202,8 @@ def _select_causal(scores, z, sp, rank, budget, window, cfg) -> Selection:
             **_cap(regs))
     sparsek_boundary_fwd_kernel[(nbnd, bh)](
         z, sp, lists, bf, bi, flag, seq_len, nbnd, budget, window, MAX_NEWTON,
-        BM=cfg.block_m, CH=cfg.chunk, GATED=scan, num_warps=4,
+        BM=cfg.block_m, CH=min(cfg.chunk, BOUNDARY_CHUNK), GATED=scan,
+        num_warps=BOUNDARY_WARPS,
         **_cap(BOUNDARY_MAX_REGISTERS))
     sub = min(cfg.block_m, SELECT_ROWS)
     groups = nblk * (cfg.block_m // sub)
@@ -200,7 +212,7 @@ def _select_causal(scores, z, sp, rank, budget, window, cfg) -> Selection:
     sparsek_block_causal_fwd_kernel[(groups, bh)](
         z, sp, rank, scores, lists, bf, bi, tau, rk, cnt, flag, seq_len, nbnd, budget,
         window, MAX_NEWTON, BM=cfg.block_m, BQ=sub, NS=SLOTS, CHX=64,
-        LOGK=budget.bit_length(), GATED=scan, num_warps=4,
+        LOGK=budget.bit_length(), GATED=scan, num_warps=BLOCK_CAUSAL_WARPS,
         **_cap(BLOCK_CAUSAL_MAX_REGISTERS))
     return Selection(lists, rank, tau, rk, cnt, scores)
 
