@@ -7,7 +7,8 @@ after a warm-up; prints one row per (shape, path, warps, register cap).
 
 Usage: python kernels/benchmarks/bench_select.py [--cases gpt4-4k,long-64k]
        [--paths scan,per-query] [--warps 4] [--regs scan=none,scan=168,boundary=80]
-       [--boundary 4x1024,1x256] [--block-warps 4,1] [--reps 20]
+       [--boundary 4x1024,1x128x512] [--block-warps 4,1] [--select-rows 16,32]
+       [--reps 20]
 --regs: variants to time, each one kernel's cap on registers per thread (scan, noncausal,
 boundary or block), the others left as the forward sets them; none is the compiler's
 choice, auto (the scan only) the forward's rule.
@@ -42,7 +43,8 @@ CAPS = {"scan": "SCAN_MAX_REGISTERS", "noncausal": "NONCAUSAL_MAX_REGISTERS",
 
 # The forward's module settings a variant may change; each variant starts from their values.
 KNOBS = ("SCAN_SLOTS", "SCAN_MIN_ROWS", "SCAN_WARPS", "NONCAUSAL_WARPS", "BOUNDARY_WARPS",
-         "BOUNDARY_CHUNK", "BLOCK_CAUSAL_WARPS", *CAPS.values())
+         "BOUNDARY_CHUNK", "BOUNDARY_WALK_CHUNK", "BLOCK_CAUSAL_WARPS", "SELECT_ROWS",
+         *CAPS.values())
 
 
 def _set_variant(base: dict, causal: bool, path: str, warps: str,
@@ -72,12 +74,14 @@ def _variant(item: str) -> tuple[str, int | str | None]:
     return kernel, None if cap == "none" else cap if cap == "auto" else int(cap)
 
 
-def _boundary(item: str) -> tuple[int, int]:
-    """'4x1024' -> (4 warps, 1024 ranks a step) for the causal boundary kernel."""
-    warps, _, chunk = item.partition("x")
-    if not (warps.isdigit() and chunk.isdigit()):
-        raise SystemExit(f"--boundary: {item!r} is not WARPSxCHUNK, e.g. 4x1024")
-    return int(warps), int(chunk)
+def _boundary(item: str) -> tuple[int, int, int]:
+    """'4x1024' -> (4 warps, 1024 ranks a cursor step, 1024 a walk step); '1x128x512' ->
+    (1, 128, 512), for the causal boundary kernel."""
+    parts = item.split("x")
+    if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts):
+        raise SystemExit(f"--boundary: {item!r} is not WARPSxCHUNK[xWALK], e.g. 4x1024")
+    warps, chunk = int(parts[0]), int(parts[1])
+    return warps, chunk, int(parts[2]) if len(parts) == 3 else chunk
 
 
 def time_select(u: torch.Tensor, budget: int, window: int, causal: bool,
@@ -107,10 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--regs", default="",
                         help="KERNEL=CAP variants, comma-separated (default: the forward's)")
     parser.add_argument("--boundary", default="",
-                        help="causal boundary-kernel variants WARPSxCHUNK, comma-separated, "
-                             "e.g. 4x1024,1x256 (default: the forward's)")
+                        help="causal boundary-kernel variants WARPSxCHUNK[xWALK] (warps, "
+                             "ranks a cursor step, ranks a walk step), comma-separated, "
+                             "e.g. 4x1024,1x128x512 (default: the forward's)")
     parser.add_argument("--block-warps", default="",
                         help="warps of the causal per-query kernel to try, comma-separated")
+    parser.add_argument("--select-rows", default="",
+                        help="queries per causal per-query program to try, comma-separated")
     parser.add_argument("--reps", type=int, default=20)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -121,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     caps = [_variant(item) for item in args.regs.split(",") if item] or [None]
     bounds = [_boundary(item) for item in args.boundary.split(",") if item] or [None]
     blocks = [int(n) for n in args.block_warps.split(",") if n] or [None]
+    rows = [int(n) for n in args.select_rows.split(",") if n] or [None]
     base = {attr: getattr(triton_fwd, attr) for attr in KNOBS}
     try:
         for name in args.cases.split(","):
@@ -134,13 +142,16 @@ def main(argv: list[str] | None = None) -> int:
             for path in args.paths.split(","):
                 for warps in (args.warps.split(",") if path == "scan" or not causal
                               else ["-"]):
-                    for cap, bound, block in [(c, b, w) for c in caps for b in bounds
-                                              for w in blocks]:
+                    for cap, bound, block, sub in [(c, b, w, r) for c in caps for b in bounds
+                                                   for w in blocks for r in rows]:
                         _set_variant(base, causal, path, warps, cap)
                         if bound is not None:
-                            triton_fwd.BOUNDARY_WARPS, triton_fwd.BOUNDARY_CHUNK = bound
+                            (triton_fwd.BOUNDARY_WARPS, triton_fwd.BOUNDARY_CHUNK,
+                             triton_fwd.BOUNDARY_WALK_CHUNK) = bound
                         if block is not None:
                             triton_fwd.BLOCK_CAUSAL_WARPS = block
+                        if sub is not None:
+                            triton_fwd.SELECT_ROWS = sub
                         got = triton_fwd.select(u, budget, window, causal, cfg)
                         same = (torch.equal(got.rk, want.rk) and torch.equal(got.cnt, want.cnt)
                                 and float((got.tau - want.tau).nan_to_num(0.0, 0.0, 0.0)
@@ -148,9 +159,11 @@ def main(argv: list[str] | None = None) -> int:
                         ms = time_select(u, budget, window, causal, cfg, args.reps)
                         label = "-" if cap is None else f"{cap[0]}={cap[1]}"
                         if bound is not None:
-                            label += f" b{bound[0]}x{bound[1]}"
+                            label += " b" + "x".join(map(str, bound))
                         if block is not None:
                             label += f" q{block}"
+                        if sub is not None:
+                            label += f" r{sub}"
                         print(f"{name:10} {path:10} {warps:>5} {label:>14} {ms:10.3f} "
                               f"{str(same):>18}", flush=True)
     finally:

@@ -32,9 +32,11 @@ TUNE = os.environ.get("SPARSEK_TUNE", "1") != "0"
 # Newton steps per threshold before the solver keeps its last point; a bracketed solve
 # on real data takes a handful, and the cap only bounds adversarial inputs.
 MAX_NEWTON = 100
-# Queries per selection program: small tiles, many programs per SM, so the solvers' short
-# dependent loads overlap across programs instead of stalling one large program.
-SELECT_ROWS = 16
+# Queries per causal per-query program: small tiles, many programs per SM, so the solvers'
+# short dependent loads overlap across programs instead of stalling one large program.
+# Measured on the H100 at one warp a program (bench_select --select-rows), long-64k's
+# selection: 8 queries 2.42 ms, 16: 2.69, 32: 2.99.
+SELECT_ROWS = 8
 # Per-query programs per row behind the scan, which redo only the rows it flagged (none,
 # on random scores): each takes every GATED_PROGRAMS-th query group of its row.
 GATED_PROGRAMS = 8
@@ -74,10 +76,13 @@ NONCAUSAL_MAX_REGISTERS: int | None = 96
 # 4 warps x 1024 ranks, 3.19 at 1 x 128; gpt4-4k's 3.90-4.00 -> 3.74-3.76.
 BOUNDARY_WARPS = 1
 BOUNDARY_CHUNK = 128
+# Ranks a step of the boundary kernel's long walks: its list, and its second cursor's
+# first descent from the top of the sort.
+BOUNDARY_WALK_CHUNK = 256  # long-64k's selection: 128 ranks 2.49 ms, 256: 2.39, 512: 2.47
 # Warps per causal per-query program (SELECT_ROWS queries), capped at 96 registers. One
 # warp needs no barrier in its reductions; measured on the H100 (bench_select
-# --block-warps), long-64k's selection: 4 warps 3.22 ms, 2: 3.59, 8: 3.88, 1: 2.67, and 1
-# capped at 88-112 registers 2.35-2.52 ms.
+# --block-warps, 16 queries a program), long-64k's selection: 4 warps 3.22 ms, 2: 3.59,
+# 8: 3.88, 1: 2.67, and 1 capped at 88-112 registers 2.35-2.52 ms.
 BLOCK_CAUSAL_WARPS = 1
 # Register caps of the causal boundary-list and per-query kernels.
 BOUNDARY_MAX_REGISTERS: int | None = None
@@ -202,7 +207,8 @@ def _select_causal(scores, z, sp, rank, budget, window, cfg) -> Selection:
             **_cap(regs))
     sparsek_boundary_fwd_kernel[(nbnd, bh)](
         z, sp, lists, bf, bi, flag, seq_len, nbnd, budget, window, MAX_NEWTON,
-        BM=cfg.block_m, CH=min(cfg.chunk, BOUNDARY_CHUNK), GATED=scan,
+        BM=cfg.block_m, CH=min(cfg.chunk, BOUNDARY_CHUNK),
+        CHW=min(cfg.chunk, BOUNDARY_WALK_CHUNK), GATED=scan,
         num_warps=BOUNDARY_WARPS,
         **_cap(BOUNDARY_MAX_REGISTERS))
     sub = min(cfg.block_m, SELECT_ROWS)

@@ -129,7 +129,7 @@ def _move_cursor(z_ptr, sp_ptr, row, c, cnt, acc, t, P, S, STRICT: tl.constexpr,
 def sparsek_boundary_fwd_kernel(
     z_ptr, sp_ptr, g_ptr, bf_ptr, bi_ptr, flag_ptr,
     S, NBND, K, W, MAXIT,
-    BM: tl.constexpr, CH: tl.constexpr, GATED: tl.constexpr,
+    BM: tl.constexpr, CH: tl.constexpr, CHW: tl.constexpr, GATED: tl.constexpr,
 ):
     """Causal block boundaries: top-K list and exact threshold of each prefix base.
 
@@ -148,7 +148,7 @@ def sparsek_boundary_fwd_kernel(
     n_base = tl.maximum(P + 1, 0)
     n_g = tl.minimum(n_base, K)
     p_g = g_ptr + (i_bh.to(tl.int64) * NBND + i_b) * K
-    o_ch = tl.arange(0, CH)
+    o_ch = tl.arange(0, CHW)
     # Walk the sort from the top, compacting base members into the list. The walk also
     # keeps the rank of the K-th member and the float64 sum of the K - 1 before it: the
     # threshold's first cursor starts there instead of walking the same ranks again.
@@ -170,7 +170,7 @@ def sparsek_boundary_fwd_kernel(
         r_k += tl.sum(tl.where(m_last, o, 0), axis=0)
         s_k += tl.sum(tl.where(m_base & (idx < n_g - 1), b_z, 0.0).to(tl.float64), axis=0)
         cnt += tl.sum(m_base.to(tl.int32), axis=0)
-        r0 += CH
+        r0 += CHW
     tau = float("-inf") + z_k * 0
     d_mid = z_k * 0
     a = cnt * 0
@@ -182,7 +182,7 @@ def sparsek_boundary_fwd_kernel(
         solve = solve & (tl.load(flag_ptr + i_bh) != 0)
     if solve:
         tau, d_mid, a, n, c1, c2 = _boundary_threshold(z_ptr, sp_ptr, row, z_k, r_k, s_k, P,
-                                                       S, K, MAXIT, CH)
+                                                       S, K, MAXIT, CH, CHW)
     p_f = bf_ptr + (i_bh.to(tl.int64) * NBND + i_b) * 2
     p_i = bi_ptr + (i_bh.to(tl.int64) * NBND + i_b) * 4
     tl.store(p_f, tau)
@@ -195,7 +195,7 @@ def sparsek_boundary_fwd_kernel(
 
 @triton.jit
 def _boundary_threshold(z_ptr, sp_ptr, row, z_k, r_k, s_k, P, S, K, MAXIT,
-                        CH: tl.constexpr):
+                        CH: tl.constexpr, CHW: tl.constexpr):
     """Exact tau of the base [0, P] (more than K members, the K-th best score z_k at rank
     r_k, the K - 1 before it summing to s_k)."""
     t = z_k
@@ -204,7 +204,10 @@ def _boundary_threshold(z_ptr, sp_ptr, row, z_k, r_k, s_k, P, S, K, MAXIT,
     # Cursor 1 (z > t) starts at the K-th member: the ranks above it hold exactly the K - 1
     # members before it. Its first move (t = z_k) steps back over any ties with z_k.
     c1, n1, s1 = r_k, zero + K - 1, s_k
-    c2, n2, s2 = zero, zero, zero.to(tl.float64)
+    # Cursor 2 (z >= t + 1) walks down from the top once, in the list walk's long steps;
+    # the Newton steps then move both cursors a little, in short ones.
+    c2, n2, s2 = _move_cursor(z_ptr, sp_ptr, row, zero, zero, zero.to(tl.float64), t + 1.0,
+                              P, S, False, CHW)
     prev_a, prev_n = zero - 1, zero - 1
     newton = zero != 0
     it = zero
