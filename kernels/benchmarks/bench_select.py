@@ -17,6 +17,7 @@ choice, auto (the scan only) the forward's rule.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 
@@ -142,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             for path in args.paths.split(","):
                 for warps in (args.warps.split(",") if path == "scan" or not causal
                               else ["-"]):
-                    for cap, bound, block, sub in [(c, b, w, r) for c in caps for b in bounds
-                                                   for w in blocks for r in rows]:
+                    for cap, bound, block, sub in itertools.product(caps, bounds, blocks,
+                                                                    rows):
                         _set_variant(base, causal, path, warps, cap)
                         if bound is not None:
                             (triton_fwd.BOUNDARY_WARPS, triton_fwd.BOUNDARY_CHUNK,

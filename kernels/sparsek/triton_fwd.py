@@ -111,7 +111,9 @@ class ForwardConfig:
 
     block_m: queries per block (selection and attention); a power of two >= 16.
     heads: query heads of one GQA group per attention program (rows = heads * block_m).
-    block_n: keys per attention step. chunk: ranks per selection scan step.
+    block_n: keys per attention step. chunk: the most ranks of the sort a selection
+    kernel takes a step (small in the interpreter, so tiny shapes take several; on a
+    GPU the kernels' own steps, such as BOUNDARY_CHUNK, are smaller).
     max_registers: a cap on the attention's registers per thread (Triton's maxnreg), or
     None for the compiler's choice.
     On a GPU without an explicit config, the attention's block_n, num_warps, num_stages

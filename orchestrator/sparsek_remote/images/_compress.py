@@ -5,10 +5,11 @@ of its own, compressed on a thread pool (zlib lets go of the interpreter lock wh
 works). Concatenated gzip members are one valid gzip stream, which ``docker load``
 reads like any other. Output keeps the input's order.
 
-Compression pays only while the link is slower than the compressor. With ``adaptive``
-each block's level is chosen as the stream goes: compressed or stored (level 0: a gzip
-member that costs a copy and a checksum), whichever has lately moved more of the image
-per second (``LevelChoice``). So a slow link gets gzip's savings and a fast one is not held back.
+Compression pays only while the link is slower than the compressor. With the codec
+``auto`` each block's level is chosen as the stream goes: compressed or stored (level 0:
+a gzip member that costs a copy and a checksum), whichever has lately moved more of the
+image per second (``LevelChoice``). So a slow link gets gzip's savings and a fast one is
+not held back.
 """
 
 from __future__ import annotations
