@@ -5,12 +5,15 @@ default when not given) the selection is made once; then the current kernel, and
 ``--baseline FILE`` the kernel of another copy of ``triton_attn.py`` (an A/B of a kernel
 change on the same card in one run), run on it with each tile (keys per step x warps x
 pipeline stages, and optionally a cap on registers per thread, ``maxnreg``, so that more
-programs fit on an SM). Every output is compared with the shape's first one; the table
-shows the registers and spills of each compiled tile. Median of
-``triton.testing.do_bench`` (L2 cleared before each call).
+programs fit on an SM). ``--gluon`` adds the Hopper kernel of ``gluon_attn.py`` with
+each of its tiles (keys per step x shared-memory slots, and optionally the register
+cap). Every output is compared with the shape's first one; the table shows the
+registers and spills of each compiled tile. Median of ``triton.testing.do_bench`` (L2
+cleared before each call).
 
 Usage: python kernels/benchmarks/bench_attn.py [--cases gpt4-4k,long-64k]
        [--blocks 128x1,64x1] [--tiles 32x4x2,64x8x2,32x4x2x168] [--baseline old_triton_attn.py]
+       [--gluon 64x3,32x3x128]
 """
 
 from __future__ import annotations
@@ -63,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", default="",
                         help="BMxHEADS, comma-separated (default: the forward's)")
     parser.add_argument("--baseline", help="another triton_attn.py to time as 'baseline'")
+    parser.add_argument("--gluon", default="",
+                        help="BNxSTAGES[xMAXNREG], comma-separated: also time the Gluon (sm_90) "
+                        "kernel")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_attn needs a CUDA GPU", file=sys.stderr)
@@ -73,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline:
         kernels["baseline"] = _load_baseline(args.baseline)
     tiles = [tuple(int(n) for n in t.split("x")) for t in args.tiles.split(",")]
+    runs = [(kname, kernel, tile) for kname, kernel in kernels.items() for tile in tiles]
+    if args.gluon:
+        from sparsek import gluon_attn
+        runs += [("gluon", gluon_attn.sparsek_attn_fwd_gluon, tuple(int(n) for n in t.split("x")))
+                 for t in args.gluon.split(",")]
     print(f"{'shape':9} {'block':6} {'kernel':8} {'tile':8} {'median ms':>9} {'computed TF/s':>13} "
           f"{'attended TF/s':>13} {'diff':>8} {'regs':>4} {'spills':>6}")
     for name in args.cases.split(","):
@@ -92,37 +103,44 @@ def main(argv: list[str] | None = None) -> int:
             cfg = dataclasses.replace(default, block_m=block_m, heads=heads)
             sel = triton_fwd.select(u, K, W, causal, cfg)
             computed = flops * _computed_keys(S, K, W, causal, block_m)
-            for kname, kernel in kernels.items():
-                for bn, warps, stages, *cap in tiles:
-                    regs = {"maxnreg": cap[0]} if cap else {}
-                    o = torch.full_like(q, float("nan"))
-                    grid, a, fixed = triton_fwd.attention_launch(q, k, v, sel, W, causal,
-                                                                 D ** -0.5, cfg, o, lse)
+            for kname, kernel, tile in runs:
+                o = torch.full_like(q, float("nan"))
+                grid, a, fixed = triton_fwd.attention_launch(q, k, v, sel, W, causal,
+                                                             D ** -0.5, cfg, o, lse)
+                if kname == "gluon":
+                    bn, stages, *cap = tile
+                    # One warp per 16 rows: the rows of a block split over warpgroups.
+                    warps = heads * block_m // 16
+                    fixed = {n: v for n, v in fixed.items() if n not in ("PREC", "UPCAST")}
+                    run_kw = dict(BN=bn, STAGES=stages, num_warps=warps,
+                                  **({"maxnreg": cap[0]} if cap else {}))
+                else:
+                    bn, warps, stages, *cap = tile
+                    run_kw = dict(BN=bn, num_warps=warps, num_stages=stages,
+                                  **({"maxnreg": cap[0]} if cap else {}))
 
-                    def run(kernel=kernel, grid=grid, a=a, fixed=fixed, bn=bn, warps=warps,
-                            stages=stages, regs=regs):
-                        return kernel[grid](*a, **fixed, BN=bn, num_warps=warps,
-                                            num_stages=stages, **regs)
+                def run(kernel=kernel, grid=grid, a=a, fixed=fixed, run_kw=run_kw):
+                    return kernel[grid](*a, **fixed, **run_kw)
 
-                    tile = "x".join(str(n) for n in (bn, warps, stages, *cap))
-                    label = f"{name:9} {block_m}x{heads:<3} {kname:8} {tile:<8}"
-                    try:
-                        compiled = run()
-                        torch.cuda.synchronize()
-                    except Exception as exc:  # a tile that does not compile is a data point
-                        print(f"{label} failed: {type(exc).__name__}: {str(exc)[:100]}",
-                              flush=True)
-                        continue
-                    if want is None:
-                        want = o.float()
-                    diff = float((o.float() - want).norm() / want.norm())
-                    ms = triton.testing.do_bench(run, return_mode="median")
-                    n_regs = getattr(compiled, "n_regs", "?")
-                    spills = getattr(compiled, "n_spills", "?")
-                    print(f"{label} {ms:9.3f} {computed / ms / 1e9:13.1f} "
-                          f"{attended / ms / 1e9:13.1f} {diff:8.1e} "
-                          f"{n_regs:>4} {spills:>6}"
-                          + ("" if math.isfinite(diff) else "  (not finite)"), flush=True)
+                tile = "x".join(str(n) for n in (bn, warps, stages, *cap))
+                label = f"{name:9} {block_m}x{heads:<3} {kname:8} {tile:<8}"
+                try:
+                    compiled = run()
+                    torch.cuda.synchronize()
+                except Exception as exc:  # a tile that does not compile is a data point
+                    print(f"{label} failed: {type(exc).__name__}: {str(exc)[:100]}",
+                          flush=True)
+                    continue
+                if want is None:
+                    want = o.float()
+                diff = float((o.float() - want).norm() / want.norm())
+                ms = triton.testing.do_bench(run, return_mode="median")
+                n_regs = getattr(compiled, "n_regs", "?")
+                spills = getattr(compiled, "n_spills", "?")
+                print(f"{label} {ms:9.3f} {computed / ms / 1e9:13.1f} "
+                      f"{attended / ms / 1e9:13.1f} {diff:8.1e} "
+                      f"{n_regs:>4} {spills:>6}"
+                      + ("" if math.isfinite(diff) else "  (not finite)"), flush=True)
             del sel
         del q, k, v, u, lse, want
         torch.cuda.empty_cache()

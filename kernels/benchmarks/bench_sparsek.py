@@ -264,11 +264,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def tuned_attention_configs() -> str:
-    """The attention tiles the autotuner chose for each shape it met in this process."""
+    """The attention kernel picked for each shape met in this process, and the tiles
+    each kernel's tuner chose."""
+    from sparsek import triton_fwd
     from sparsek.triton_attn import sparsek_attn_fwd_tuned
 
-    return "\n".join(f"attention tuned for {key[:5]} (S, Hq, Hkv, K, W): {config}"
-                     for key, config in sparsek_attn_fwd_tuned.cache.items())
+    lines = [f"attention kernel for {key[2:9]} (B, Hq, S, D, Hkv, K, W): {pick}"
+             for key, pick in triton_fwd.attention_picks().items()]
+    tuners = [("triton", sparsek_attn_fwd_tuned)]
+    if triton_fwd.gluon_attn is not None:
+        tuners += [("gluon", tuner) for tuner in triton_fwd.gluon_attn.tuners()]
+    lines += [f"{name} attention tuned for {key[:5]} (S, Hq, Hkv, K, W): {config}"
+              for name, tuner in tuners for key, config in tuner.cache.items()]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

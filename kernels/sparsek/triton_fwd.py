@@ -23,6 +23,11 @@ from sparsek.triton_select import sparsek_block_causal_fwd_kernel, sparsek_bound
 from sparsek.triton_select_noncausal import sparsek_block_noncausal_fwd_kernel
 from sparsek.triton_select_scan import sparsek_causal_scan_kernel
 
+try:  # The Hopper attention kernel needs Gluon's warpgroup API (recent Triton builds).
+    from sparsek import gluon_attn
+except (ImportError, AttributeError):  # pragma: no cover - depends on the Triton build
+    gluon_attn = None
+
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Tune the attention tile per shape on a GPU (about a second per new shape, plus one compile
@@ -116,9 +121,12 @@ class ForwardConfig:
     GPU the kernels' own steps, such as BOUNDARY_CHUNK, are smaller).
     max_registers: a cap on the attention's registers per thread (Triton's maxnreg), or
     None for the compiler's choice.
-    On a GPU without an explicit config, the attention's block_n, num_warps, num_stages
-    and max_registers are tuned per shape instead (triton_attn.ATTN_CONFIGS), unless
-    TUNE is off.
+    kernel: the attention kernel, "triton" (triton_attn, any device) or "gluon"
+    (gluon_attn: Hopper, float16/bfloat16, 64 or 128 rows a program; num_stages is then
+    its shared-memory slots, at least 3, and num_warps follows the rows).
+    On a GPU without an explicit config, the attention's kernel and tile are tuned per
+    shape instead (triton_attn.ATTN_CONFIGS, gluon_attn.GLUON_CONFIGS), unless TUNE is
+    off.
     """
 
     block_m: int
@@ -128,6 +136,7 @@ class ForwardConfig:
     num_warps: int
     num_stages: int
     max_registers: int | None = None
+    kernel: str = "triton"
 
 
 @dataclass(frozen=True)
@@ -290,12 +299,47 @@ def attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return grid, args, fixed
 
 
+# The attention kernel picked per shape (see launch_forward for the key): "triton" or
+# "gluon".
+_ATTENTION_PICKS: dict[tuple, str] = {}
+
+
+def attention_picks() -> dict[tuple, str]:
+    """The attention kernel picked for each shape tuned so far in this process."""
+    return dict(_ATTENTION_PICKS)
+
+
+def _pick_attention(key: tuple, runs: dict) -> str:
+    """The faster of the candidate attention kernels (runs: name -> launch, each tuned
+    over its own tiles on its first call) for the shape `key`, timed once per process."""
+    if key not in _ATTENTION_PICKS:
+        if len(runs) == 1:
+            _ATTENTION_PICKS[key] = next(iter(runs))
+        else:
+            from triton.testing import do_bench
+
+            times = {}
+            for name, run in runs.items():
+                run()  # the kernel's own tuner runs here, on the first call
+                times[name] = do_bench(run, return_mode="median")
+            _ATTENTION_PICKS[key] = min(times, key=times.get)
+    return _ATTENTION_PICKS[key]
+
+
 def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.Tensor,
                    kv_budget: int, window: int, causal: bool, scale: float,
                    o: torch.Tensor, lse: torch.Tensor,
                    config: ForwardConfig | None = None) -> None:
     """Write o [B, Hq, S, D] and lse [B, Hq, S] (float32) for already-validated inputs."""
     cfg = config or default_config(q, q.shape[1] // k.shape[1])
+    if cfg.kernel == "gluon":
+        rows = math.gcd(cfg.heads, q.shape[1] // k.shape[1]) * cfg.block_m
+        if gluon_attn is None or not gluon_attn.supported(q, rows):
+            raise ValueError(f"config.kernel='gluon' needs float16 or bfloat16 on a Hopper "
+                             f"GPU (sm_90) and 64 or 128 rows a program; got {q.dtype} on "
+                             f"{q.device} with {rows} rows: use kernel='triton'")
+    elif cfg.kernel != "triton":
+        raise ValueError(f"config.kernel must be 'triton' or 'gluon'; got {cfg.kernel!r}")
     sel = select(u, kv_budget, window, causal, cfg)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o_dst = o if o.is_contiguous() else torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -303,10 +347,21 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.T
                                                           device=lse.device)
     grid, args, fixed = attention_launch(q, k, v, sel, window, causal, scale, cfg, o_dst,
                                          lse_dst)
+    rows = fixed["HG"] * cfg.block_m
+    gluon_fixed = {n: v for n, v in fixed.items() if n not in ("PREC", "UPCAST")}
     if config is None and q.is_cuda and TUNE:
         # Each new shape is tuned once per process, on its first call (outputs are
         # rewritten whole by every trial, so the trials leave nothing behind).
-        sparsek_attn_fwd_tuned[grid](*args, **fixed)
+        runs = {"triton": lambda: sparsek_attn_fwd_tuned[grid](*args, **fixed)}
+        if gluon_attn is not None and gluon_attn.supported(q, rows):
+            runs["gluon"] = lambda: gluon_attn.tuned(rows)[grid](*args, **gluon_fixed)
+        key = (q.device.index, q.dtype, *q.shape, k.shape[1], kv_budget, window, causal,
+               cfg.block_m, fixed["HG"], *runs)
+        runs[_pick_attention(key, runs)]()
+    elif cfg.kernel == "gluon":
+        gluon_attn.sparsek_attn_fwd_gluon[grid](
+            *args, **gluon_fixed,
+            **gluon_attn.launch_kwargs(cfg.block_n, cfg.num_stages, cfg.max_registers, rows))
     else:
         sparsek_attn_fwd_kernel[grid](*args, **fixed, BN=cfg.block_n,
                                       num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -7,6 +7,7 @@ Skipped where PyTorch sees no CUDA device.
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -94,6 +95,61 @@ def test_every_attention_tile_the_tuner_may_pick_matches_reference(
     monkeypatch.setattr(triton_fwd, "default_config", with_tile)
     x = make_inputs(batch=1, q_heads=Hq, kv_heads=Hkv, seq_len=S, dim=D, dtype=dtype,
                     device="cuda")
+    check_against_reference(x, dtype, kv_budget=K, window=W, causal=causal, scale=None)
+
+
+def _hopper() -> bool:
+    from sparsek.triton_fwd import gluon_attn
+
+    return (gluon_attn is not None and torch.cuda.is_available()
+            and torch.cuda.get_device_capability() == (9, 0))
+
+
+def _force_gluon(monkeypatch, q, group, tile):
+    """Make the forward use the Gluon attention kernel with tile (keys, slots, register
+    cap); skip where that kernel does not serve the default blocks of q."""
+    import dataclasses
+
+    from sparsek import gluon_attn, triton_fwd
+
+    default = triton_fwd.default_config
+    cfg = default(q, group)
+    if not gluon_attn.supported(q, math.gcd(cfg.heads, group) * cfg.block_m):
+        pytest.skip("the Gluon kernel serves float16/bfloat16 with 64 or 128 rows a program")
+    block_n, stages, cap = tile
+
+    def with_gluon(q, group):
+        return dataclasses.replace(default(q, group), kernel="gluon", block_n=block_n,
+                                   num_stages=stages, max_registers=cap)
+
+    monkeypatch.setattr(triton_fwd, "default_config", with_gluon)
+
+
+@pytest.mark.skipif(not _hopper(), reason="the Gluon kernel runs on Hopper (sm_90) only")
+@pytest.mark.parametrize(("B", "Hq", "Hkv", "S", "D", "K", "W", "causal", "dtype"),
+                         [c for c in CASES if c[-1] != F32])
+def test_gluon_attention_matches_reference(make_inputs, monkeypatch, B, Hq, Hkv, S, D, K, W,
+                                           causal, dtype):
+    x = make_inputs(batch=B, q_heads=Hq, kv_heads=Hkv, seq_len=S, dim=D, dtype=dtype,
+                    device="cuda")
+    _force_gluon(monkeypatch, x.q, Hq // Hkv, (32, 3, None))
+    check_against_reference(x, dtype, kv_budget=K, window=W, causal=causal, scale=None)
+
+
+@pytest.mark.skipif(not _hopper(), reason="the Gluon kernel runs on Hopper (sm_90) only")
+@pytest.mark.parametrize("tile", range(4))
+@pytest.mark.parametrize(("Hq", "Hkv", "S", "D", "K", "W", "causal", "dtype"), [
+    (8, 2, 1000, 128, 100, 33, True, BF16),
+    (4, 4, 700, 64, 50, 9, False, F16),
+])
+def test_every_gluon_tile_the_tuner_may_pick_matches_reference(
+        make_inputs, monkeypatch, tile, Hq, Hkv, S, D, K, W, causal, dtype):
+    from sparsek.gluon_attn import GLUON_CONFIGS
+
+    assert len(GLUON_CONFIGS) == 4, "the tile parameter must cover every config"
+    x = make_inputs(batch=1, q_heads=Hq, kv_heads=Hkv, seq_len=S, dim=D, dtype=dtype,
+                    device="cuda")
+    _force_gluon(monkeypatch, x.q, Hq // Hkv, GLUON_CONFIGS[tile])
     check_against_reference(x, dtype, kv_budget=K, window=W, causal=causal, scale=None)
 
 

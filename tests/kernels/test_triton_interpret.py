@@ -241,3 +241,21 @@ def test_scan_register_cap_fits_every_row_in_one_wave():
             if cap is not None:
                 assert cap % 8 == 0 and 128 <= cap < 255
                 assert -(-rows // 132) * warps * 32 * cap <= 65536
+
+
+@pytest.mark.parametrize(("kernel", "dtype", "message"), [
+    ("gluon", torch.bfloat16, "needs float16 or bfloat16 on a Hopper GPU"),
+    ("gluon", torch.float32, "needs float16 or bfloat16 on a Hopper GPU"),
+    ("cuda", torch.bfloat16, "must be 'triton' or 'gluon'"),
+])
+def test_an_explicit_attention_kernel_that_cannot_serve_the_input_is_refused(
+        make_inputs, kernel, dtype, message):
+    from sparsek.triton_fwd import ForwardConfig, launch_forward
+
+    x = make_inputs(batch=1, q_heads=2, kv_heads=1, seq_len=70, dim=64, dtype=dtype)
+    cfg = ForwardConfig(block_m=64, heads=1, block_n=32, chunk=16, num_warps=4,
+                        num_stages=3, kernel=kernel)
+    o, lse = torch.full_like(x.q, float("nan")), torch.empty(x.q.shape[:3])
+    with pytest.raises(ValueError, match=message):
+        launch_forward(x.q, x.k, x.v, x.u, 7, 4, True, 0.125, o, lse, config=cfg)
+    assert o.isnan().all(), "nothing runs before the refusal"
