@@ -4,17 +4,18 @@ It computes what ``triton_attn.sparsek_attn_fwd_kernel`` computes, for the same
 selection and the same grid, but schedules the work itself, as FlashAttention-3 does
 inside one warpgroup:
 
-- key and value rows (gathered list rows, or the block's dense range) are copied into a
-  ring of shared-memory slots by ``cp.async``, STAGES - 2 tiles ahead of the tile in use;
+- key and value rows (gathered list rows, or the block's dense range) are copied by
+  ``cp.async`` into rings of shared-memory slots, STAGES - 2 tiles ahead of the tile in
+  use, together with each row's score and sort rank (the gates' inputs);
 - both matrix products are asynchronous warpgroup MMAs: the logits of tile t are issued
   together with the value product of tile t - 1, and the softmax of tile t runs while
-  that value product is still on the tensor cores. The Triton kernel waits for each
-  product before the next step, so its softmax and its products never overlap.
+  that value product is still on the tensor cores. Inside one program the Triton kernel
+  waits for each product before the softmax that follows.
 
-Every tile takes the general gate (window -> 1, selected -> clip(u - tau, 0, 1), else 0):
-list tiles from the per-query list count, dense tiles from distance and sort rank.
-Only float16 and bfloat16 run here (a float32 product on the tensor cores would be
-tf32); the Triton kernel serves float32, other GPUs and the CPU interpreter.
+Gates are computed only as far as each tile needs (``_fold_tile``), as in the Triton
+kernel's runs. Only float16 and bfloat16 run here (a float32 product on the tensor cores
+would be tf32); the Triton kernel serves float32, other GPUs and the CPU interpreter.
+Measurements, and the variants tried and dropped, are in ``kernels/NOTES.md`` (v11).
 """
 
 from __future__ import annotations
@@ -52,8 +53,7 @@ def _issue(t, pos, m, k_base, v_base, u_row, rank_row, k_smem, v_smem, u_smem, r
            D: gl.constexpr, STAGES: gl.constexpr, ld: gl.constexpr):
     """Start copying tile t's key rows into key slot t % (STAGES - 1), and its value rows,
     scores and sort ranks (the gates' inputs) into slot t % STAGES; rows not in m read
-    as zeros. One copy group
-    per tile, empty or not, so the group count stays one per tile."""
+    as zeros. One copy group per tile, empty or not, so groups count tiles."""
     o_d = gl.arange(0, D, layout=gl.SliceLayout(0, ld))
     off = (pos * D)[:, None] + o_d[None, :]
     slot = t % STAGES
