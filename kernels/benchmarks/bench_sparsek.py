@@ -272,8 +272,8 @@ def tuned_attention_configs() -> str:
     lines = [f"attention kernel for {key[2:9]} (B, Hq, S, D, Hkv, K, W): {pick}"
              for key, pick in triton_fwd.attention_picks().items()]
     tuners = [("triton", sparsek_attn_fwd_tuned)]
-    if triton_fwd.gluon_attn is not None:
-        tuners += [("gluon", tuner) for tuner in triton_fwd.gluon_attn.tuners()]
+    if triton_fwd.gluon_attention() is not None:
+        tuners += [("gluon", tuner) for tuner in triton_fwd.gluon_attention().tuners()]
     lines += [f"{name} attention tuned for {key[:5]} (S, Hq, Hkv, K, W): {config}"
               for name, tuner in tuners for key, config in tuner.cache.items()]
     return "\n".join(lines)

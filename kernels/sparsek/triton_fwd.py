@@ -10,6 +10,7 @@ plus the block lists: (S / BM) * K int32 indices per (batch, kv head).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -22,11 +23,6 @@ from sparsek.triton_attn import sparsek_attn_fwd_kernel, sparsek_attn_fwd_tuned
 from sparsek.triton_select import sparsek_block_causal_fwd_kernel, sparsek_boundary_fwd_kernel
 from sparsek.triton_select_noncausal import sparsek_block_noncausal_fwd_kernel
 from sparsek.triton_select_scan import sparsek_causal_scan_kernel
-
-try:  # The Hopper attention kernel needs Gluon's warpgroup API (recent Triton builds).
-    from sparsek import gluon_attn
-except (ImportError, AttributeError):  # pragma: no cover - depends on the Triton build
-    gluon_attn = None
 
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -304,6 +300,20 @@ def attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 _ATTENTION_PICKS: dict[tuple, str] = {}
 
 
+@functools.cache
+def gluon_attention():
+    """The Hopper attention kernel's module (gluon_attn), or None where this Triton build
+    lacks Gluon's warpgroup API. Imported on first use on a GPU, never on the way to the
+    CPU interpreter: after a Gluon import in compiled mode, interpreted kernels fail
+    (seen with Triton 3.9: "Cannot call @triton.jit'd outside of the scope of a
+    kernel")."""
+    try:
+        from sparsek import gluon_attn
+    except (ImportError, AttributeError):  # pragma: no cover - depends on the Triton build
+        return None
+    return gluon_attn
+
+
 def attention_picks() -> dict[tuple, str]:
     """The attention kernel picked for each shape tuned so far in this process."""
     return dict(_ATTENTION_PICKS)
@@ -332,6 +342,7 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.T
                    config: ForwardConfig | None = None) -> None:
     """Write o [B, Hq, S, D] and lse [B, Hq, S] (float32) for already-validated inputs."""
     cfg = config or default_config(q, q.shape[1] // k.shape[1])
+    gluon_attn = gluon_attention() if q.is_cuda else None
     if cfg.kernel == "gluon":
         rows = math.gcd(cfg.heads, q.shape[1] // k.shape[1]) * cfg.block_m
         if gluon_attn is None or not gluon_attn.supported(q, rows):
