@@ -266,3 +266,33 @@ def test_an_explicit_attention_kernel_that_cannot_serve_the_input_is_refused(
     with pytest.raises(ValueError, match=message):
         launch_forward(x.q, x.k, x.v, x.u, 7, 4, True, 0.125, o, lse, config=cfg)
     assert o.isnan().all(), "nothing runs before the refusal"
+
+
+@pytest.mark.parametrize(("times", "want"), [
+    ({"triton": 10.0, "gluon": 8.0}, "gluon"),     # clearly faster: taken
+    ({"triton": 10.0, "gluon": 9.8}, "triton"),    # within the margin: the default stays
+    ({"triton": 10.0, "gluon": 12.0}, "triton"),
+    ({"triton": 10.0}, "triton"),                  # one candidate: not timed at all
+])
+def test_attention_pick_keeps_the_default_unless_a_candidate_is_clearly_faster(
+        monkeypatch, times, want):
+    import triton.testing
+
+    from sparsek import triton_fwd
+
+    launched = []
+    runs = {name: (lambda name=name: launched.append(name)) for name in times}
+
+    def fake_bench(run, return_mode):
+        run()
+        return times[launched[-1]]
+
+    if len(times) == 1:
+        monkeypatch.setattr(triton.testing, "do_bench", lambda *a, **k: pytest.fail("timed"))
+    else:
+        monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(triton_fwd, "_ATTENTION_PICKS", {})
+    assert triton_fwd._pick_attention(("shape",), runs) == want
+    n_launched = len(launched)
+    assert triton_fwd._pick_attention(("shape",), runs) == want
+    assert len(launched) == n_launched, "a shape is timed once per process"
