@@ -108,12 +108,13 @@ def main(argv: list[str] | None = None) -> int:
                 grid, a, fixed = triton_fwd.attention_launch(q, k, v, sel, W, causal,
                                                              D ** -0.5, cfg, o, lse)
                 if kname == "gluon":
+                    from sparsek import gluon_attn
+
                     bn, stages, *cap = tile
-                    # One warp per 16 rows: the rows of a block split over warpgroups.
-                    warps = heads * block_m // 16
                     fixed = {n: v for n, v in fixed.items() if n not in ("PREC", "UPCAST")}
-                    run_kw = dict(BN=bn, STAGES=stages, num_warps=warps,
-                                  **({"maxnreg": cap[0]} if cap else {}))
+                    run_kw = gluon_attn.launch_kwargs(bn, stages, cap[0] if cap else None,
+                                                      heads * block_m)
+                    warps = run_kw["num_warps"]
                 else:
                     bn, warps, stages, *cap = tile
                     run_kw = dict(BN=bn, num_warps=warps, num_stages=stages,
