@@ -80,10 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         kernels["baseline"] = _load_baseline(args.baseline)
     tiles = [tuple(int(n) for n in t.split("x")) for t in args.tiles.split(",")]
     runs = [(kname, kernel, tile) for kname, kernel in kernels.items() for tile in tiles]
-    if args.gluon:
-        from sparsek import gluon_attn
+    gluon_attn = triton_fwd.gluon_attention() if args.gluon else None
+    if gluon_attn is not None:
         runs += [("gluon", gluon_attn.sparsek_attn_fwd_gluon, tuple(int(n) for n in t.split("x")))
                  for t in args.gluon.split(",")]
+    elif args.gluon:
+        print("--gluon: this Triton build has no Gluon Hopper API", file=sys.stderr)
+        return 2
     print(f"{'shape':9} {'block':6} {'kernel':8} {'tile':8} {'median ms':>9} {'computed TF/s':>13} "
           f"{'attended TF/s':>13} {'diff':>8} {'regs':>4} {'spills':>6}")
     for name in args.cases.split(","):
@@ -108,10 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                 grid, a, fixed = triton_fwd.attention_launch(q, k, v, sel, W, causal,
                                                              D ** -0.5, cfg, o, lse)
                 if kname == "gluon":
-                    from sparsek import gluon_attn
-
                     bn, stages, *cap = tile
-                    fixed = {n: v for n, v in fixed.items() if n not in ("PREC", "UPCAST")}
+                    fixed = gluon_attn.kernel_args(fixed)
                     run_kw = gluon_attn.launch_kwargs(bn, stages, cap[0] if cap else None,
                                                       heads * block_m)
                     warps = run_kw["num_warps"]

@@ -31,6 +31,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from sparsek.triton_attn import dense_gate, dense_range
+
 
 @gluon.jit
 def _positions(t, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, BN: gl.constexpr,
@@ -143,19 +145,9 @@ def _fold_tile(t, s, m_i, l_i, u_smem, r_smem, q_pos, tau, rk, cnt, n_all, n_lis
             m_i, l_i, alpha, p = _softmax(x, x, keep, m_i, l_i, qk_scale, dtype, False,
                                           True)
         else:
-            m_j = ((o_j >= j_lo) & (o_j <= j_hi))[None, :]
-            b_u = u_smem.index(slot).load(col)
-            b_r = r_smem.index(slot).load(col)
-            dist = q_pos[:, None] - o_j[None, :]
-            if CAUSAL:
-                win = (dist >= 0) & (dist < W)
-                cand = dist >= W
-            else:
-                win = (dist < W) & (dist > -W)
-                cand = (dist >= W) | (dist <= -W)
-            pick = cand & (b_r[None, :] <= rk[:, None]) & m_j
-            soft = gl.minimum(gl.maximum(b_u[None, :] - tau[:, None], 0.0), 1.0)
-            g = gl.where(win & m_j, 1.0, gl.where(pick, soft, 0.0))
+            m_j = (o_j >= j_lo) & (o_j <= j_hi)
+            g = dense_gate(q_pos, o_j, m_j, u_smem.index(slot).load(col),
+                           r_smem.index(slot).load(col), tau, rk, W, CAUSAL)
             x = warpgroup_mma_wait(num_outstanding=OUT, deps=(s,))
             m_i, l_i, alpha, p = _softmax(x, g, g > 0, m_i, l_i, qk_scale, dtype, True,
                                           True)
@@ -219,21 +211,11 @@ def sparsek_attn_fwd_gluon(
     cnt = gl.load(cnt_ptr + sel, mask=m_q, other=0)
 
     # The tiles: the list's first n_sel entries, then the dense range [j_lo, j_hi] in
-    # tiles aligned to i0 (the first one starts at or below j_lo).
+    # tiles aligned to i0 (the first one starts at or below j_lo). Dense tiles from t1 up
+    # to t2 lie inside every query's window; list tiles below n_all are selected whole by
+    # every query.
     n_sel = gl.max(cnt, axis=0)
-    j_lo = gl.maximum(i0 - W + 1, 0)
-    if CAUSAL:
-        j_hi = i1
-        e_hi = i0
-    else:
-        j_hi = gl.where(W > 0, gl.minimum(i0 + BM + W - 2, S - 1), -1)
-        e_hi = gl.minimum(i0 + W - 1, j_hi)
-    j_start = i0 - ((i0 - j_lo + BN - 1) // BN) * BN
-    # Dense tiles from t1 up to t2 lie inside every query's window (as in the Triton
-    # kernel's three runs); list tiles below n_all are selected whole by every query.
-    a_lo = gl.maximum(gl.minimum(gl.maximum(i1 - W + 1, j_lo), j_hi + 1), j_start)
-    t1 = j_start + ((a_lo - j_start + BN - 1) // BN) * BN
-    t2 = t1 + (gl.maximum(e_hi + 1 - t1, 0) // BN) * BN
+    j_lo, j_hi, j_start, t1, t2 = dense_range(i0, i1, S, W, CAUSAL, BM, BN)
     n_all = gl.min(gl.where(m_q, cnt, K), axis=0) // BN
     n_list = (n_sel + BN - 1) // BN
     n_dense = gl.maximum(j_hi + 1 - j_start + BN - 1, 0) // BN
@@ -317,8 +299,19 @@ def supported(q: torch.Tensor, rows: int) -> bool:
             and torch.cuda.get_device_capability(q.device) == (9, 0))
 
 
+def kernel_args(fixed: dict) -> dict:
+    """This kernel's constexpr arguments from the Triton kernel's (``fixed`` of
+    ``triton_fwd.attention_launch``): all but the dot precision switches, which the
+    warpgroup products here do not take."""
+    return {name: value for name, value in fixed.items() if name not in ("PREC", "UPCAST")}
+
+
 def launch_kwargs(block_n: int, stages: int, max_registers: int | None, rows: int) -> dict:
-    """Launch options of one tile."""
+    """Launch options of one tile: block_n keys a step, stages (>= 3) shared-memory slots,
+    an optional cap on registers per thread, one warp per 16 of the program's rows."""
+    if stages < 3:
+        raise ValueError(f"the Gluon attention kernel needs at least 3 shared-memory slots "
+                         f"(num_stages); got {stages}")
     extra = {} if max_registers is None else {"maxnreg": max_registers}
     return dict(BN=block_n, STAGES=stages, num_warps=rows // 16, **extra)
 

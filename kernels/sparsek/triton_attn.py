@@ -153,6 +153,25 @@ def _list_pass(b_q, k_base, v_base, u_row, p_g, tau, cnt, m_q, K, qk_scale, m_i,
 
 
 @triton.jit
+def dense_range(i0, i1, S, W, CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """(j_lo, j_hi, j_start, t1, t2): the dense range [j_lo, j_hi] of the block's queries
+    i0..i1, the first of its BN-key tiles aligned to i0 (j_start <= j_lo), and the bounds
+    of its three runs (see _dense_pass). Scalars only, so the Gluon kernel calls it too."""
+    j_lo = tl.maximum(i0 - W + 1, 0)
+    if CAUSAL:
+        j_hi = i1
+        e_hi = i0
+    else:
+        j_hi = tl.where(W > 0, tl.minimum(i0 + BM + W - 2, S - 1), -1)
+        e_hi = tl.minimum(i0 + W - 1, j_hi)
+    j_start = i0 - ((i0 - j_lo + BN - 1) // BN) * BN
+    a_lo = tl.maximum(tl.minimum(tl.maximum(i1 - W + 1, j_lo), j_hi + 1), j_start)
+    t1 = j_start + ((a_lo - j_start + BN - 1) // BN) * BN
+    t2 = t1 + (tl.maximum(e_hi + 1 - t1, 0) // BN) * BN
+    return j_lo, j_hi, j_start, t1, t2
+
+
+@triton.jit
 def _dense_pass(b_q, k_base, v_base, u_row, rank_row, q_pos, tau, rk, i0, i1, S, W, qk_scale,
                 m_i, l_i, acc, CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                 D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
@@ -167,17 +186,7 @@ def _dense_pass(b_q, k_base, v_base, u_row, rank_row, q_pos, tau, rk, i0, i1, S,
       non-causal: the candidates beyond the window, as in the first run.
     """
     o_d = tl.arange(0, D)
-    j_lo = tl.maximum(i0 - W + 1, 0)
-    if CAUSAL:
-        j_hi = i1
-        e_hi = i0
-    else:
-        j_hi = tl.where(W > 0, tl.minimum(i0 + BM + W - 2, S - 1), -1)
-        e_hi = tl.minimum(i0 + W - 1, j_hi)
-    j_start = i0 - ((i0 - j_lo + BN - 1) // BN) * BN
-    a_lo = tl.maximum(tl.minimum(tl.maximum(i1 - W + 1, j_lo), j_hi + 1), j_start)
-    t1 = j_start + ((a_lo - j_start + BN - 1) // BN) * BN
-    t2 = t1 + (tl.maximum(e_hi + 1 - t1, 0) // BN) * BN
+    j_lo, j_hi, j_start, t1, t2 = dense_range(i0, i1, S, W, CAUSAL, BM, BN)
     for j0 in range(j_start, t1, BN):
         o_j = j0 + tl.arange(0, BN)
         m_j = (o_j >= j_lo) & (o_j <= j_hi)
@@ -204,6 +213,23 @@ def _dense_pass(b_q, k_base, v_base, u_row, rank_row, q_pos, tau, rk, i0, i1, S,
 
 
 @triton.jit
+def dense_gate(q_pos, o_j, m_j, b_u, b_r, tau, rk, W, CAUSAL: tl.constexpr):
+    """Gates [M, BN] of dense-range keys o_j (in range where m_j; scores b_u, sort ranks
+    b_r) for queries q_pos with selections (tau, rk): window pairs 1, candidates ranked
+    within the query's cut clip(u - tau, 0, 1), the rest 0. The Gluon kernel calls it too."""
+    dist = q_pos[:, None] - o_j[None, :]
+    if CAUSAL:
+        win = (dist >= 0) & (dist < W)
+        cand = dist >= W
+    else:
+        win = (dist < W) & (dist > -W)
+        cand = (dist >= W) | (dist <= -W)
+    pick = cand & (b_r[None, :] <= rk[:, None]) & m_j[None, :]
+    soft = tl.minimum(tl.maximum(b_u[None, :] - tau[:, None], 0.0), 1.0)
+    return tl.where(win & m_j[None, :], 1.0, tl.where(pick, soft, 0.0))
+
+
+@triton.jit
 def _dense_gated(b_q, k_base, v_base, u_row, rank_row, o_j, m_j, o_d, q_pos, tau, rk, W,
                  qk_scale, m_i, l_i, acc, CAUSAL: tl.constexpr, D: tl.constexpr,
                  PREC: tl.constexpr, UPCAST: tl.constexpr):
@@ -212,16 +238,7 @@ def _dense_gated(b_q, k_base, v_base, u_row, rank_row, o_j, m_j, o_d, q_pos, tau
     x, b_v = _tile(b_q, k_base, v_base, o_j, o_d, m_j, qk_scale, D, PREC, UPCAST)
     b_u = tl.load(u_row + o_j, mask=m_j, other=0.0)
     b_r = tl.load(rank_row + o_j, mask=m_j, other=2**31 - 1)
-    dist = q_pos[:, None] - o_j[None, :]
-    if CAUSAL:
-        win = (dist >= 0) & (dist < W)
-        cand = dist >= W
-    else:
-        win = (dist < W) & (dist > -W)
-        cand = (dist >= W) | (dist <= -W)
-    pick = cand & (b_r[None, :] <= rk[:, None])
-    soft = tl.minimum(tl.maximum(b_u[None, :] - tau[:, None], 0.0), 1.0)
-    g = tl.where(win & m_j[None, :], 1.0, tl.where(pick & m_j[None, :], soft, 0.0))
+    g = dense_gate(q_pos, o_j, m_j, b_u, b_r, tau, rk, W, CAUSAL)
     x = tl.where(g > 0, x, float("-inf"))
     return _fold(x, g, m_i, l_i, acc, b_v, PREC, UPCAST, True)
 

@@ -352,13 +352,15 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.T
                    config: ForwardConfig | None = None) -> None:
     """Write o [B, Hq, S, D] and lse [B, Hq, S] (float32) for already-validated inputs."""
     cfg = config or default_config(q, q.shape[1] // k.shape[1])
+    rows = math.gcd(cfg.heads, q.shape[1] // k.shape[1]) * cfg.block_m  # a program's rows
     gluon_attn = gluon_attention() if q.is_cuda else None
     if cfg.kernel == "gluon":
-        rows = math.gcd(cfg.heads, q.shape[1] // k.shape[1]) * cfg.block_m
         if gluon_attn is None or not gluon_attn.supported(q, rows):
             raise ValueError(f"config.kernel='gluon' needs float16 or bfloat16 on a Hopper "
                              f"GPU (sm_90) and 64 or 128 rows a program; got {q.dtype} on "
                              f"{q.device} with {rows} rows: use kernel='triton'")
+        gluon_launch = gluon_attn.launch_kwargs(cfg.block_n, cfg.num_stages,
+                                                cfg.max_registers, rows)
     elif cfg.kernel != "triton":
         raise ValueError(f"config.kernel must be 'triton' or 'gluon'; got {cfg.kernel!r}")
     sel = select(u, kv_budget, window, causal, cfg)
@@ -368,21 +370,19 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.T
                                                           device=lse.device)
     grid, args, fixed = attention_launch(q, k, v, sel, window, causal, scale, cfg, o_dst,
                                          lse_dst)
-    rows = fixed["HG"] * cfg.block_m
-    gluon_fixed = {n: v for n, v in fixed.items() if n not in ("PREC", "UPCAST")}
     if config is None and q.is_cuda and TUNE:
         # Each new shape is tuned once per process, on its first call (outputs are
         # rewritten whole by every trial, so the trials leave nothing behind).
         runs = {"triton": lambda: sparsek_attn_fwd_tuned[grid](*args, **fixed)}
         if gluon_attn is not None and gluon_attn.supported(q, rows):
-            runs["gluon"] = lambda: gluon_attn.tuned(rows)[grid](*args, **gluon_fixed)
+            runs["gluon"] = lambda: gluon_attn.tuned(rows)[grid](
+                *args, **gluon_attn.kernel_args(fixed))
         key = (q.device.index, q.dtype, *q.shape, k.shape[1], kv_budget, window, causal,
                cfg.block_m, fixed["HG"], *runs)
         runs[_pick_attention(key, runs)]()
     elif cfg.kernel == "gluon":
-        gluon_attn.sparsek_attn_fwd_gluon[grid](
-            *args, **gluon_fixed,
-            **gluon_attn.launch_kwargs(cfg.block_n, cfg.num_stages, cfg.max_registers, rows))
+        gluon_attn.sparsek_attn_fwd_gluon[grid](*args, **gluon_attn.kernel_args(fixed),
+                                                **gluon_launch)
     else:
         sparsek_attn_fwd_kernel[grid](*args, **fixed, BN=cfg.block_n,
                                       num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -71,11 +71,16 @@ def test_forward_matches_reference(make_inputs, B, Hq, Hkv, S, D, K, W, causal, 
     check_against_reference(x, dtype, kv_budget=K, window=W, causal=causal, scale=None)
 
 
-@pytest.mark.parametrize("tile", range(7))
-@pytest.mark.parametrize(("Hq", "Hkv", "S", "D", "K", "W", "causal", "dtype"), [
+# (Hq, Hkv, S, D, K, W, causal, dtype): the shapes every tuner tile is checked on, causal
+# GQA at D = 128 and non-causal at D = 64.
+TILE_CASES = [
     (8, 2, 1000, 128, 100, 33, True, BF16),
     (4, 4, 700, 64, 50, 9, False, F16),
-])
+]
+
+
+@pytest.mark.parametrize("tile", range(7))
+@pytest.mark.parametrize(("Hq", "Hkv", "S", "D", "K", "W", "causal", "dtype"), TILE_CASES)
 def test_every_attention_tile_the_tuner_may_pick_matches_reference(
         make_inputs, monkeypatch, tile, Hq, Hkv, S, D, K, W, causal, dtype):
     import dataclasses
@@ -140,11 +145,22 @@ def test_gluon_attention_matches_reference(make_inputs, monkeypatch, B, Hq, Hkv,
     check_against_reference(x, dtype, kv_budget=K, window=W, causal=causal, scale=None)
 
 
+def test_gluon_with_fewer_than_three_slots_is_refused_before_anything_runs(make_inputs,
+                                                                         monkeypatch):
+    from sparsek import triton_fwd
+
+    x = make_inputs(batch=1, q_heads=4, kv_heads=1, seq_len=100, dim=64, dtype=BF16,
+                    device="cuda")
+    _force_gluon(monkeypatch, x.q, 4, (32, 2, None))
+    o = torch.full_like(x.q, float("nan"))
+    with pytest.raises(ValueError, match="at least 3 shared-memory slots"):
+        triton_fwd.launch_forward(x.q, x.k, x.v, x.u, 7, 4, True, 0.125, o,
+                                  torch.empty(x.q.shape[:3], device="cuda"))
+    assert o.isnan().all()
+
+
 @pytest.mark.parametrize("tile", range(4))
-@pytest.mark.parametrize(("Hq", "Hkv", "S", "D", "K", "W", "causal", "dtype"), [
-    (8, 2, 1000, 128, 100, 33, True, BF16),
-    (4, 4, 700, 64, 50, 9, False, F16),
-])
+@pytest.mark.parametrize(("Hq", "Hkv", "S", "D", "K", "W", "causal", "dtype"), TILE_CASES)
 def test_every_gluon_tile_the_tuner_may_pick_matches_reference(
         make_inputs, monkeypatch, tile, Hq, Hkv, S, D, K, W, causal, dtype):
     configs = _gluon().GLUON_CONFIGS
