@@ -18,7 +18,7 @@ import collections
 import os
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 BLOCK_BYTES = 4 << 20
@@ -41,19 +41,28 @@ class LevelChoice:
     block with the seconds the sender waited for it and then spent on it. So the choice
     follows whatever binds (the link, the compressor, the source) without knowing which.
     Fixed at ``level`` unless ``adaptive``.
+
+    The probes and the hold are cycles of their own, numbered by ``cycle``. A block
+    counts only toward the cycle it was planned in: with blocks in flight, a hold's
+    blocks are still reaching the sender while the next probes are planned, and their
+    credits must not be taken for the probes'.
     """
 
     def __init__(self, level: int, adaptive: bool, probe: int = 8, hold: int = 32) -> None:
         self.level = level
         self.adaptive = adaptive
         self.probe, self.hold = probe, hold
+        self.cycle = 0
         self._plan: list[int] = []
         self._holding = False  # the plan is a hold, not probes
         self._moved: dict[int, list[float]] = {}  # level -> [image bytes, seconds]
         self.blocks = collections.Counter()
 
-    def credit(self, level: int, raw_bytes: int, seconds: float) -> None:
-        """A block of ``raw_bytes`` at ``level`` took ``seconds`` to reach the sender."""
+    def credit(self, level: int, raw_bytes: int, seconds: float, cycle: int) -> None:
+        """A block of ``raw_bytes`` at ``level``, planned in ``cycle``, took ``seconds``
+        to reach the sender. Ignored once that cycle is over."""
+        if cycle != self.cycle:
+            return
         moved = self._moved.setdefault(level, [0.0, 0.0])
         moved[0] += raw_bytes
         moved[1] += seconds
@@ -62,7 +71,8 @@ class LevelChoice:
         moved, seconds = self._moved.get(level, (0.0, 0.0))
         return moved / seconds if seconds > 0 else 0.0
 
-    def next(self) -> int:
+    def next(self) -> tuple[int, int]:
+        """The next block's level and the cycle it belongs to (to pass to ``credit``)."""
         if not self.adaptive:
             level = self.level
         else:
@@ -70,19 +80,20 @@ class LevelChoice:
                 self._plan = self._next_cycle()
             level = self._plan.pop()
         self.blocks[level] += 1
-        return level
+        return level, self.cycle
 
     def _next_cycle(self) -> list[int]:
-        """Blocks in reverse order: the probes, or the faster level's hold. Each probe
-        cycle measures afresh: what the hold moved would outweigh it."""
-        if self._holding:
-            self._moved.clear()
+        """Blocks in reverse order: the probes, or the faster level's hold. Each cycle
+        measures afresh, so what the hold moved does not outweigh the next probes."""
+        probes = [STORED] * self.probe + [self.level] * self.probe
         tried = self.level in self._moved and STORED in self._moved
-        self._holding = tried
-        if not tried:  # also while the probes' blocks are still on their way
-            return [STORED] * self.probe + [self.level] * self.probe
+        if not self._holding and not tried:
+            return probes  # the probes' blocks are still on their way: the cycle goes on
         best = STORED if self.rate(STORED) > self.rate(self.level) else self.level
-        return [best] * self.hold
+        self._holding = not self._holding
+        self.cycle += 1
+        self._moved.clear()
+        return [best] * self.hold if self._holding else probes
 
 
 class BlockCompressor:
@@ -91,17 +102,21 @@ class BlockCompressor:
     ``codec`` "gzip" compresses blocks of ``block_bytes`` at ``level`` on ``workers``
     threads (default: one per core); "auto" is gzip with the level chosen per block
     (``LevelChoice``); "none" passes the bytes through in chunks of about a megabyte.
+    ``clock`` times the blocks for that choice.
     """
 
     def __init__(self, codec: str, level: int = 1, workers: int | None = None,
-                 block_bytes: int = BLOCK_BYTES) -> None:
+                 block_bytes: int = BLOCK_BYTES,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._block_bytes = block_bytes
+        self._clock = clock
         self._gzip = codec in ("gzip", "auto")
         self.levels = LevelChoice(level, adaptive=codec == "auto")
         self._workers = max(1, workers or os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(self._workers) if self._gzip else None
-        # (future of the gzip member, its level, its raw size), in the input's order
-        self._pending: collections.deque[tuple[Future[bytes], int, int]] = (
+        # (future of the gzip member, its level, its cycle, its raw size), in the
+        # input's order
+        self._pending: collections.deque[tuple[Future[bytes], int, int, int]] = (
             collections.deque())
         self._handed_any = False
         self._buffer = bytearray()
@@ -133,23 +148,23 @@ class BlockCompressor:
             self.wire_bytes += len(block)
             yield block
             return
-        level = self.levels.next()
-        self._pending.append((self._pool.submit(_gzip_member, block, level), level,
+        level, cycle = self.levels.next()
+        self._pending.append((self._pool.submit(_gzip_member, block, level), level, cycle,
                               len(block)))
 
     def _ready(self, wait: bool) -> Iterator[bytes]:
         """Hand out finished blocks in order; block while too many are in flight."""
         while self._pending and (wait or self._pending[0][0].done()
                                  or len(self._pending) > 2 * self._workers):
-            head, level, size = self._pending.popleft()
-            began = time.monotonic()
+            head, level, cycle, size = self._pending.popleft()
+            began = self._clock()
             chunk = head.result()
-            waited = time.monotonic() - began
+            waited = self._clock() - began
             self.wire_bytes += len(chunk)
-            began = time.monotonic()
+            began = self._clock()
             yield chunk  # the sender has it until it asks for more
             # A block costs the wait for its compression and the sender's time on it.
             # The first block's wait is the pipeline filling, not a pace.
             if self._handed_any:
-                self.levels.credit(level, size, waited + time.monotonic() - began)
+                self.levels.credit(level, size, waited + self._clock() - began, cycle)
             self._handed_any = True
