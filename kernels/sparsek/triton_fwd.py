@@ -21,7 +21,10 @@ import triton
 from sparsek._checks import check_attention_inputs, check_out, check_triton_head_dim
 from sparsek.triton_attn import sparsek_attn_fwd_kernel, sparsek_attn_fwd_tuned
 from sparsek.triton_select import sparsek_block_causal_fwd_kernel, sparsek_boundary_fwd_kernel
-from sparsek.triton_select_noncausal import sparsek_block_noncausal_fwd_kernel
+from sparsek.triton_select_noncausal import (
+    sparsek_block_noncausal_fwd_kernel,
+    sparsek_noncausal_prep_kernel,
+)
 from sparsek.triton_select_scan import sparsek_causal_scan_kernel
 
 LOG2E = 1.4426950408889634
@@ -67,10 +70,20 @@ NONCAUSAL_WARPS = 4
 SCAN_MAX_REGISTERS: int | str | None = "auto"
 SCAN_MIN_REGISTERS = 128  # below this the spills cost more than the wave saves
 REGISTERS_PER_SM = 65536  # 32-bit registers of one SM: Hopper's and Blackwell's alike
-# The non-causal block kernel, 4 warps at 96 registers: five programs an SM. Seed's
-# selection on the H100: 8 warps 1.17 ms uncapped, 1.00 at 64; 4 warps 0.84 uncapped,
-# 0.77 at 96, 0.86 at 64; 2 warps 0.80 uncapped, slower capped.
-NONCAUSAL_MAX_REGISTERS: int | None = 96
+# The non-causal block kernel, 4 warps. Before its searches used value buckets, 96
+# registers (five programs an SM) measured best for seed's selection on the H100: 8 warps
+# 1.17 ms uncapped, 1.00 at 64; 4 warps 0.84 uncapped, 0.77 at 96, 0.86 at 64; 2 warps
+# 0.80 uncapped, slower capped. With the buckets (graph-replayed selection, same run):
+# 0.558 ms at 96, 0.536 at 128.
+NONCAUSAL_MAX_REGISTERS: int | None = 128
+# Non-causal rows of at most PREP_MAX_LEN scores are sorted, summed and bucketed by one
+# program each (a bitonic sort in registers, which spills beyond 2048 on sm_90); longer
+# rows by torch's sort and scan.
+PREP_MAX_LEN = 2048
+# Warps of that program; None: one up to 512 scores (seed's selection on the H100, same
+# run: 0.536 ms at 1 warp, 0.540 at 2, 0.558 at 4, 0.618 at 8), else one per 256 (fewer
+# spill at 2048).
+PREP_WARPS: int | None = None
 # Warps per causal boundary program, and the ranks of the sort it takes a step (at most
 # cfg.chunk). Its steps are short reductions, and one warp needs no barrier between them:
 # measured on the H100 (bench_select --boundary), the selection of long-64k 3.52-3.55 ms at
@@ -230,20 +243,67 @@ def _select_causal(scores, z, sp, rank, budget, window, cfg) -> Selection:
     return Selection(lists, rank, tau, rk, cnt, scores)
 
 
-def _select_noncausal(scores, z, sp, rank, budget, window, cfg) -> Selection:
+def score_buckets(z: torch.Tensor, buckets: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where each bucket of values starts in the descending sort z [BH, S]
+    -> (first [BH, buckets + 2] int32, inv_h [BH] float32, fullest [BH] int32: the
+    most scores in one bucket of the row).
+
+    Value t's bucket is ``floor((z[0] - t) * inv_h)`` clamped to [0, buckets], computed
+    the same way (float32) here and in the kernels, with ``inv_h = buckets / (z[0] -
+    z[-1])``; ``first[b]`` is the number of sorted scores whose bucket is below b. The
+    bucket is monotone in the value, so every score of an earlier bucket than t's is
+    above t and every score of a later one below it: a count of scores above t lies in
+    ``[first[b], first[b + 1]]``, a few ranks instead of the whole row."""
+    zmax = z[:, :1]
+    inv_h = buckets / (zmax - z[:, -1:])
+    inv_h = torch.where(torch.isfinite(inv_h), inv_h, 0.0)
+    b = torch.floor((zmax - z) * inv_h).clamp_(0, buckets).to(torch.int32)
+    edges = torch.arange(buckets + 2, dtype=torch.int32, device=z.device)
+    first = torch.searchsorted(b, edges.expand(z.shape[0], -1).contiguous(), out_int32=True)
+    fullest = torch.diff(first, dim=1).amax(dim=1).to(torch.int32)
+    return first, inv_h.reshape(-1).contiguous(), fullest
+
+
+def _noncausal_tables(scores: torch.Tensor):
+    """(z, sp, rank, zpre, first, inv_h, fullest) of scores [BH, S] for the non-causal
+    block kernel: the sort, its float64 prefix sums and its value buckets (one bucket a
+    score). Rows of at most PREP_MAX_LEN scores take one fused program each."""
+    bh, seq_len = scores.shape
+    dev = scores.device
+    if seq_len > PREP_MAX_LEN:
+        z, sp, rank = _sort(scores)
+        zpre = torch.zeros((bh, seq_len + 1), dtype=torch.float64, device=dev)
+        torch.cumsum(z.double(), dim=1, out=zpre[:, 1:])
+        return (z, sp, rank, zpre, *score_buckets(z, seq_len))
+    z = torch.empty_like(scores)
+    sp = torch.empty_like(scores, dtype=torch.int32)
+    rank = torch.empty_like(sp)
+    zpre = torch.empty((bh, seq_len + 1), dtype=torch.float64, device=dev)
+    first = torch.empty((bh, seq_len + 2), dtype=torch.int32, device=dev)
+    inv_h = torch.empty(bh, dtype=torch.float32, device=dev)
+    fullest = torch.empty(bh, dtype=torch.int32, device=dev)
+    p2 = triton.next_power_of_2(seq_len)
+    sparsek_noncausal_prep_kernel[(bh,)](
+        scores, z, sp, rank, zpre, first, inv_h, fullest, seq_len, seq_len,
+        P2=p2, NBIN=triton.next_power_of_2(seq_len + 2),
+        num_warps=PREP_WARPS or (1 if p2 <= 512 else min(16, p2 // 256)))
+    return z, sp, rank, zpre, first, inv_h, fullest
+
+
+def _select_noncausal(scores, budget, window, cfg) -> Selection:
     bh, seq_len = scores.shape
     nblk = triton.cdiv(seq_len, cfg.block_m)
     dev = scores.device
     lists = torch.empty((bh, nblk, budget), dtype=torch.int32, device=dev)
-    zpre = torch.zeros((bh, seq_len + 1), dtype=torch.float64, device=dev)
-    torch.cumsum(z.double(), dim=1, out=zpre[:, 1:])
+    z, sp, rank, zpre, first, inv_h, fullest = _noncausal_tables(scores)
     tau, rk, cnt = _per_query(scores)
-    # One program per block: its solver's binary searches are latency-bound, and more,
-    # smaller programs only repeat them (measured 9x slower at 16 queries a program).
+    # One program per block: smaller programs hold larger per-query tiles a thread and
+    # spill (measured 9x slower at 16 queries a program).
     sub = cfg.block_m
     sparsek_block_noncausal_fwd_kernel[(nblk * (cfg.block_m // sub), bh)](
-        z, sp, rank, zpre, scores, lists, tau, rk, cnt, seq_len, nblk, budget, window,
-        MAX_NEWTON, seq_len.bit_length(), BM=cfg.block_m, BQ=sub,
+        z, sp, rank, zpre, first, inv_h, fullest, scores, lists, tau, rk, cnt, seq_len,
+        nblk, budget, window, MAX_NEWTON, seq_len, BM=cfg.block_m, BQ=sub,
         NW=max(16, triton.next_power_of_2(2 * window - 1)),
         NR=max(16, triton.next_power_of_2(cfg.block_m + 2 * window - 2)),
         CH=min(cfg.chunk, 256), num_warps=NONCAUSAL_WARPS,
@@ -263,16 +323,17 @@ def select(u: torch.Tensor, kv_budget: int, window: int, causal: bool,
     """The selection for scores u [B, Hkv, S] with blocks of cfg.block_m queries."""
     seq_len = u.shape[-1]
     scores = u.reshape(-1, seq_len).to(torch.float32).contiguous()
-    z, sp, rank = _sort(scores)
     budget = min(kv_budget, seq_len)
     if budget == 0:
         # Nothing is ever selected: an empty list, and a cut no rank passes.
+        rank = _sort(scores)[2]
         bh, dev = scores.shape[0], scores.device
         lists = torch.zeros((bh, 1, 1), dtype=torch.int32, device=dev)
         return Selection(lists, rank, torch.zeros_like(scores),
                          torch.full_like(rank, -1), torch.zeros_like(rank), scores)
-    pick = _select_causal if causal else _select_noncausal
-    return pick(scores, z, sp, rank, budget, window, cfg)
+    if causal:
+        return _select_causal(scores, *_sort(scores), budget, window, cfg)
+    return _select_noncausal(scores, budget, window, cfg)
 
 
 def attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

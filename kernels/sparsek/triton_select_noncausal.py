@@ -2,9 +2,11 @@
 
 Query i's candidates are every position outside its window ``(i - W, i + W)``: the whole
 sort minus at most 2W - 1 scores. So its threshold equation is the all-positions sum
-(binary searches and float64 prefix sums of the sort) minus the window's terms, solved per
+(counts of the sort above t, and float64 prefix sums) minus the window's terms, solved per
 query by the safeguarded Newton iteration of ``triton_select``; the cut (rank of the K-th
-best candidate) is a fixed point on the window's ranks.
+best candidate) is a fixed point on the window's ranks. A count is a binary search inside
+one value bucket of the sort (``triton_fwd.score_buckets``), a few ranks instead of the
+row. A first kernel sorts, sums and buckets each short row in one program.
 """
 
 from __future__ import annotations
@@ -16,9 +18,53 @@ from sparsek.triton_select import _mid_terms, _newton_advance, _outward, _store_
 
 
 @triton.jit
+def sparsek_noncausal_prep_kernel(
+    u_ptr, z_ptr, sp_ptr, rank_ptr, zpre_ptr, first_ptr, inv_ptr, fullest_ptr, S, NB,
+    P2: tl.constexpr, NBIN: tl.constexpr,
+):
+    """Everything the block kernel reads about one row of scores u [S] (S <= P2), in one
+    program: the stable descending sort (z, positions sp, inverse rank), the float64
+    prefix sums of z (S + 1 entries from 0), and the value buckets of
+    ``triton_fwd.score_buckets`` with NB buckets (first [NB + 2], inv_h, fullest).
+
+    The sort is one bitonic sort of 64-bit keys: the score's bits, mapped so that
+    integer order is float order, above the complement of its position, so that equal
+    scores keep the smaller position first (the contract's tie order)."""
+    row = tl.program_id(0).to(tl.int64)
+    o = tl.arange(0, P2)
+    m = o < S
+    u = tl.load(u_ptr + row * S + o, mask=m, other=0.0) + 0.0  # -0.0 ties with 0.0
+    bits = u.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    key = (ordered.to(tl.int64) << 32) | (0xFFFFFFFF - o.to(tl.int64))
+    key = tl.sort(tl.where(m, key, -(1 << 63)), descending=True)
+    pos = (0xFFFFFFFF - (key & 0xFFFFFFFF)).to(tl.int32)
+    high = (key >> 32).to(tl.int32)
+    z = tl.where(high >= 0, high, high ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+    tl.store(z_ptr + row * S + o, z, mask=m)
+    tl.store(sp_ptr + row * S + o, pos, mask=m)
+    tl.store(rank_ptr + row * S + pos, o, mask=m)
+    p_pre = zpre_ptr + row * (S + 1)
+    tl.store(p_pre + 1 + o, tl.cumsum(tl.where(m, z, 0.0).to(tl.float64), axis=0), mask=m)
+    tl.store(p_pre, 0.0)
+    zmax = tl.max(tl.where(m, z, float("-inf")), axis=0)
+    span = zmax - tl.min(tl.where(m, z, float("inf")), axis=0)
+    inv_h = NB / tl.where(span > 0, span, 1.0)
+    # One value in the whole row (or a span too small to divide by): one bucket.
+    inv_h = tl.where((span > 0) & (inv_h < float("inf")), inv_h, 0.0)
+    b = tl.where(m, _bucket(z, zmax, inv_h, NB), NB + 1)
+    o_b = tl.arange(0, NBIN)
+    hist = tl.histogram(b, NBIN)
+    tl.store(first_ptr + row * (NB + 2) + o_b, tl.cumsum(hist, axis=0) - hist,
+             mask=o_b < NB + 2)
+    tl.store(inv_ptr + row, inv_h)
+    tl.store(fullest_ptr + row, tl.max(tl.where(o_b <= NB, hist, 0), axis=0))
+
+
+@triton.jit
 def sparsek_block_noncausal_fwd_kernel(
-    z_ptr, sp_ptr, rank_ptr, zpre_ptr, u_ptr, g_ptr, tau_ptr, rk_ptr, cnt_ptr,
-    S, NBLK, K, W, MAXIT, LOGS,
+    z_ptr, sp_ptr, rank_ptr, zpre_ptr, first_ptr, inv_ptr, occ_ptr, u_ptr, g_ptr, tau_ptr, rk_ptr,
+    cnt_ptr, S, NBLK, K, W, MAXIT, NB,
     BM: tl.constexpr, BQ: tl.constexpr, NW: tl.constexpr, NR: tl.constexpr,
     CH: tl.constexpr,
 ):
@@ -67,8 +113,17 @@ def sparsek_block_noncausal_fwd_kernel(
     z_cut = tl.load(z_ptr + row + rk, mask=big, other=0.0)
     u_w = tl.load(u_ptr + row + w_pos, mask=m_w, other=float("-inf"))
     row1 = i_bh.to(tl.int64) * (S + 1)
-    tau = _noncausal_threshold(z_ptr, zpre_ptr, row, row1, S, K, MAXIT, LOGS, big, z_cut,
-                               u_w, BQ)
+    p_first = first_ptr + i_bh.to(tl.int64) * (NB + 2)
+    zmax = tl.load(z_ptr + row)
+    inv_h = tl.load(inv_ptr + i_bh)
+    # A search inside one bucket takes as many halvings as its fullest bucket's size has
+    # bits.
+    fullest = tl.load(occ_ptr + i_bh)
+    steps = fullest * 0
+    while (1 << steps) <= fullest:
+        steps += 1
+    tau = _noncausal_threshold(z_ptr, zpre_ptr, row, row1, p_first, zmax, inv_h, NB, steps,
+                               K, MAXIT, big, z_cut, u_w, BQ)
     _store_selection(tau_ptr, rk_ptr, cnt_ptr, row, q_pos, m_q, big, tau, rk, cnt, n_g, S)
 
 
@@ -89,11 +144,22 @@ def _walk_outside(z_ptr, sp_ptr, p_g, row, r_lo, r_hi, n_g, S, CH: tl.constexpr)
 
 
 @triton.jit
-def _count_above(z_ptr, row, t, S, LOGS, STRICT: tl.constexpr, BM: tl.constexpr):
-    """#{z > t} (STRICT) or #{z >= t} for each t [BM], by binary search of the sort."""
-    lo = tl.zeros([BM], tl.int32)
-    hi = lo + S
-    for _ in range(LOGS):
+def _bucket(t, zmax, inv_h, NB):
+    """The bucket of value t (see ``triton_fwd.score_buckets``), clamped to [0, NB]."""
+    b = tl.floor((zmax - t) * inv_h)
+    return tl.minimum(tl.maximum(b, 0.0), NB * 1.0).to(tl.int32)
+
+
+@triton.jit
+def _count_above(z_ptr, row, t, p_first, zmax, inv_h, NB, steps, STRICT: tl.constexpr,
+                 BM: tl.constexpr):
+    """#{z > t} (STRICT) or #{z >= t} for each t [BM]: the sort's entries in buckets
+    before t's are all above t, those after it all below, so the count lies between
+    t's bucket's first rank and the next bucket's; a binary search finds it there."""
+    b = _bucket(t, zmax, inv_h, NB)
+    lo = tl.load(p_first + b)
+    hi = tl.load(p_first + b + 1)
+    for _ in range(steps):
         m_act = lo < hi
         mid = (lo + hi) // 2
         b_z = tl.load(z_ptr + row + mid, mask=m_act, other=0.0)
@@ -107,8 +173,8 @@ def _count_above(z_ptr, row, t, S, LOGS, STRICT: tl.constexpr, BM: tl.constexpr)
 
 
 @triton.jit
-def _noncausal_threshold(z_ptr, zpre_ptr, row, row1, S, K, MAXIT, LOGS, big, z_cut, u_w,
-                         BM: tl.constexpr):
+def _noncausal_threshold(z_ptr, zpre_ptr, row, row1, p_first, zmax, inv_h, NB, steps, K,
+                         MAXIT, big, z_cut, u_w, BM: tl.constexpr):
     """Per-query Newton on f_all(t) - f_window(t) for the queries marked ``big``; the
     prefix sums of the sort start at row1 (S + 1 entries per row)."""
     lo, hi = _outward(z_cut - 1.0, z_cut)
@@ -120,8 +186,8 @@ def _noncausal_threshold(z_ptr, zpre_ptr, row, row1, S, K, MAXIT, LOGS, big, z_c
     it = MAXIT * 0
     while tl.max(active.to(tl.int32), axis=0) > 0:
         t1 = t + 1.0
-        c_gt = _count_above(z_ptr, row, t, S, LOGS, True, BM)
-        c_ge1 = _count_above(z_ptr, row, t1, S, LOGS, False, BM)
+        c_gt = _count_above(z_ptr, row, t, p_first, zmax, inv_h, NB, steps, True, BM)
+        c_ge1 = _count_above(z_ptr, row, t1, p_first, zmax, inv_h, NB, steps, False, BM)
         zsum = (tl.load(zpre_ptr + row1 + c_gt, mask=active, other=0.0)
                 - tl.load(zpre_ptr + row1 + c_ge1, mask=active, other=0.0))
         # The window's terms are taken from the whole row's: summed in float32 they would

@@ -193,6 +193,26 @@ def test_noncausal_window_half_the_row_keeps_the_threshold_exact(seed, pattern):
     _check_selection(u, 9, 300, False)
 
 
+@pytest.mark.parametrize("pattern", ["wide", "ties", "constant"])
+def test_noncausal_rows_too_long_for_one_program_select_the_same(seed, monkeypatch, pattern):
+    # Rows longer than PREP_MAX_LEN are sorted and bucketed by torch instead of the fused
+    # program: the same sort and sums, so the same selection.
+    from sparsek import triton_fwd
+
+    u = SCORE_PATTERNS[pattern](torch.Generator().manual_seed(seed), 150).contiguous()
+    cfg = triton_fwd.ForwardConfig(block_m=64, heads=1, block_n=16, chunk=16, num_warps=4,
+                                   num_stages=1)
+    fused = triton_fwd.select(u, 9, 4, False, cfg)
+    fused_tables = triton_fwd._noncausal_tables(u.reshape(-1, 150))
+    monkeypatch.setattr(triton_fwd, "PREP_MAX_LEN", 0)
+    for name in ("lists", "rank", "tau", "rk", "cnt"):
+        assert torch.equal(getattr(triton_fwd.select(u, 9, 4, False, cfg), name),
+                           getattr(fused, name)), name
+    # The sort and the prefix sums are the same numbers either way.
+    for got, want in zip(triton_fwd._noncausal_tables(u.reshape(-1, 150))[:4], fused_tables):
+        assert torch.equal(got, want)
+
+
 def test_custom_op_passes_opcheck(make_inputs):
     from sparsek import op
 
