@@ -243,18 +243,19 @@ def _select_causal(scores, z, sp, rank, budget, window, cfg) -> Selection:
     return Selection(lists, rank, tau, rk, cnt, scores)
 
 
-def score_buckets(z: torch.Tensor, buckets: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Where each bucket of values starts in the descending sort z [BH, S]
-    -> (first [BH, buckets + 2] int32, inv_h [BH] float32, fullest [BH] int32: the
-    most scores in one bucket of the row).
+def score_buckets(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where each of S value buckets starts in the descending sort z [BH, S]
+    -> (first [BH, S + 2] int32, inv_h [BH] float32, fullest [BH] int32: the most scores
+    in one bucket of the row). For rows longer than PREP_MAX_LEN; shorter ones get these
+    tables, built the same way, from ``sparsek_noncausal_prep_kernel``.
 
-    Value t's bucket is ``floor((z[0] - t) * inv_h)`` clamped to [0, buckets], computed
-    the same way (float32) here and in the kernels, with ``inv_h = buckets / (z[0] -
-    z[-1])``; ``first[b]`` is the number of sorted scores whose bucket is below b. The
-    bucket is monotone in the value, so every score of an earlier bucket than t's is
-    above t and every score of a later one below it: a count of scores above t lies in
+    Value t's bucket is ``floor((z[0] - t) * inv_h)`` clamped to [0, S], computed the
+    same way (float32) wherever it is used, with ``inv_h = S / (z[0] - z[-1])``;
+    ``first[b]`` is the number of sorted scores whose bucket is below b. The bucket is
+    monotone in the value, so every score of an earlier bucket than t's is above t and
+    every score of a later one below it: a count of scores above t lies in
     ``[first[b], first[b + 1]]``, a few ranks instead of the whole row."""
+    buckets = z.shape[1]
     zmax = z[:, :1]
     inv_h = buckets / (zmax - z[:, -1:])
     inv_h = torch.where(torch.isfinite(inv_h), inv_h, 0.0)
@@ -275,7 +276,7 @@ def _noncausal_tables(scores: torch.Tensor):
         z, sp, rank = _sort(scores)
         zpre = torch.zeros((bh, seq_len + 1), dtype=torch.float64, device=dev)
         torch.cumsum(z.double(), dim=1, out=zpre[:, 1:])
-        return (z, sp, rank, zpre, *score_buckets(z, seq_len))
+        return (z, sp, rank, zpre, *score_buckets(z))
     z = torch.empty_like(scores)
     sp = torch.empty_like(scores, dtype=torch.int32)
     rank = torch.empty_like(sp)
@@ -285,7 +286,7 @@ def _noncausal_tables(scores: torch.Tensor):
     fullest = torch.empty(bh, dtype=torch.int32, device=dev)
     p2 = triton.next_power_of_2(seq_len)
     sparsek_noncausal_prep_kernel[(bh,)](
-        scores, z, sp, rank, zpre, first, inv_h, fullest, seq_len, seq_len,
+        scores, z, sp, rank, zpre, first, inv_h, fullest, seq_len,
         P2=p2, NBIN=triton.next_power_of_2(seq_len + 2),
         num_warps=PREP_WARPS or (1 if p2 <= 512 else min(16, p2 // 256)))
     return z, sp, rank, zpre, first, inv_h, fullest
@@ -298,12 +299,11 @@ def _select_noncausal(scores, budget, window, cfg) -> Selection:
     lists = torch.empty((bh, nblk, budget), dtype=torch.int32, device=dev)
     z, sp, rank, zpre, first, inv_h, fullest = _noncausal_tables(scores)
     tau, rk, cnt = _per_query(scores)
-    # One program per block: smaller programs hold larger per-query tiles a thread and
-    # spill (measured 9x slower at 16 queries a program).
-    sub = cfg.block_m
-    sparsek_block_noncausal_fwd_kernel[(nblk * (cfg.block_m // sub), bh)](
+    # One program per block: a 16-query one-warp program (measured 9x slower) holds
+    # larger per-query tiles a thread and spills.
+    sparsek_block_noncausal_fwd_kernel[(nblk, bh)](
         z, sp, rank, zpre, first, inv_h, fullest, scores, lists, tau, rk, cnt, seq_len,
-        nblk, budget, window, MAX_NEWTON, seq_len, BM=cfg.block_m, BQ=sub,
+        nblk, budget, window, MAX_NEWTON, BM=cfg.block_m,
         NW=max(16, triton.next_power_of_2(2 * window - 1)),
         NR=max(16, triton.next_power_of_2(cfg.block_m + 2 * window - 2)),
         CH=min(cfg.chunk, 256), num_warps=NONCAUSAL_WARPS,

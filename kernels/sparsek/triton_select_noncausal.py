@@ -19,13 +19,13 @@ from sparsek.triton_select import _mid_terms, _newton_advance, _outward, _store_
 
 @triton.jit
 def sparsek_noncausal_prep_kernel(
-    u_ptr, z_ptr, sp_ptr, rank_ptr, zpre_ptr, first_ptr, inv_ptr, fullest_ptr, S, NB,
+    u_ptr, z_ptr, sp_ptr, rank_ptr, zpre_ptr, first_ptr, inv_ptr, fullest_ptr, S,
     P2: tl.constexpr, NBIN: tl.constexpr,
 ):
     """Everything the block kernel reads about one row of scores u [S] (S <= P2), in one
     program: the stable descending sort (z, positions sp, inverse rank), the float64
     prefix sums of z (S + 1 entries from 0), and the value buckets of
-    ``triton_fwd.score_buckets`` with NB buckets (first [NB + 2], inv_h, fullest).
+    ``triton_fwd.score_buckets``, one a score (first [S + 2], inv_h, fullest).
 
     The sort is one bitonic sort of 64-bit keys: the score's bits, mapped so that
     integer order is float order, above the complement of its position, so that equal
@@ -49,48 +49,45 @@ def sparsek_noncausal_prep_kernel(
     tl.store(p_pre, 0.0)
     zmax = tl.max(tl.where(m, z, float("-inf")), axis=0)
     span = zmax - tl.min(tl.where(m, z, float("inf")), axis=0)
-    inv_h = NB / tl.where(span > 0, span, 1.0)
+    inv_h = S / tl.where(span > 0, span, 1.0)
     # One value in the whole row (or a span too small to divide by): one bucket.
     inv_h = tl.where((span > 0) & (inv_h < float("inf")), inv_h, 0.0)
-    b = tl.where(m, _bucket(z, zmax, inv_h, NB), NB + 1)
+    b = tl.where(m, _bucket(z, zmax, inv_h, S), S + 1)
     o_b = tl.arange(0, NBIN)
     hist = tl.histogram(b, NBIN)
-    tl.store(first_ptr + row * (NB + 2) + o_b, tl.cumsum(hist, axis=0) - hist,
-             mask=o_b < NB + 2)
+    tl.store(first_ptr + row * (S + 2) + o_b, tl.cumsum(hist, axis=0) - hist,
+             mask=o_b < S + 2)
     tl.store(inv_ptr + row, inv_h)
-    tl.store(fullest_ptr + row, tl.max(tl.where(o_b <= NB, hist, 0), axis=0))
+    tl.store(fullest_ptr + row, tl.max(tl.where(o_b <= S, hist, 0), axis=0))
 
 
 @triton.jit
 def sparsek_block_noncausal_fwd_kernel(
-    z_ptr, sp_ptr, rank_ptr, zpre_ptr, first_ptr, inv_ptr, occ_ptr, u_ptr, g_ptr, tau_ptr, rk_ptr,
-    cnt_ptr, S, NBLK, K, W, MAXIT, NB,
-    BM: tl.constexpr, BQ: tl.constexpr, NW: tl.constexpr, NR: tl.constexpr,
-    CH: tl.constexpr,
+    z_ptr, sp_ptr, rank_ptr, zpre_ptr, first_ptr, inv_ptr, fullest_ptr, u_ptr, g_ptr,
+    tau_ptr, rk_ptr, cnt_ptr, S, NBLK, K, W, MAXIT,
+    BM: tl.constexpr, NW: tl.constexpr, NR: tl.constexpr, CH: tl.constexpr,
 ):
     """Non-causal selection of one block: list g [BH, NBLK, K], tau, rk and cnt [BH, S].
 
     Query i's candidates are every position outside its window ``(i - W, i + W)``, so its
     threshold equation is the all-positions sum (from the sort's prefix sums) minus at
     most 2W - 1 window terms. The block's base is everything outside the union of its
-    windows, ``[i0 - W + 1, i0 + BM + W - 2]``. A program handles BQ of the block's queries;
-    the first of them also writes the block's list.
+    windows, ``[i0 - W + 1, i0 + BM + W - 2]``. One program a block, which also writes
+    the block's list. The counts of the sort read the value buckets of
+    ``triton_fwd.score_buckets`` (first, inv_h, and the fullest bucket's size).
     """
-    NSUB: tl.constexpr = BM // BQ
-    i_blk = tl.program_id(0) // NSUB
-    i_sub = tl.program_id(0) % NSUB
+    i_blk = tl.program_id(0)
     i_bh = tl.program_id(1)
     row = i_bh.to(tl.int64) * S
     i0 = i_blk * BM
-    q_pos = i0 + i_sub * BQ + tl.arange(0, BQ)
+    q_pos = i0 + tl.arange(0, BM)
     m_q = q_pos < S
     has_w = W > 0
     r_lo = tl.where(has_w, tl.maximum(i0 - W + 1, 0), 0)
     r_hi = tl.where(has_w, tl.minimum(i0 + BM + W - 2, S - 1), -1)
     n_g = tl.minimum(S - (r_hi - r_lo + 1), K)
     p_g = g_ptr + (i_bh.to(tl.int64) * NBLK + i_blk) * K
-    if i_sub == 0:
-        _walk_outside(z_ptr, sp_ptr, p_g, row, r_lo, r_hi, n_g, S, CH)
+    _walk_outside(z_ptr, sp_ptr, p_g, row, r_lo, r_hi, n_g, S, CH)
     w_lo = tl.maximum(q_pos - W + 1, 0)
     w_hi = tl.minimum(q_pos + W - 1, S - 1)
     n_c = S - tl.maximum(w_hi - w_lo + 1, 0)
@@ -100,7 +97,7 @@ def sparsek_block_noncausal_fwd_kernel(
     m_w = big[:, None] & (w_pos >= w_lo[:, None]) & (w_pos <= w_hi[:, None])
     r_w = tl.load(rank_ptr + row + w_pos, mask=m_w, other=S + 1)
     # The cut: smallest r with r + 1 - #{window ranks <= r} = K.
-    rk = tl.zeros([BQ], tl.int32) + K - 1
+    rk = tl.zeros([BM], tl.int32) + K - 1
     go = tl.max(big.to(tl.int32), axis=0) > 0
     while go:
         r_new = K - 1 + tl.sum((r_w <= rk[:, None]).to(tl.int32), axis=1)
@@ -113,17 +110,17 @@ def sparsek_block_noncausal_fwd_kernel(
     z_cut = tl.load(z_ptr + row + rk, mask=big, other=0.0)
     u_w = tl.load(u_ptr + row + w_pos, mask=m_w, other=float("-inf"))
     row1 = i_bh.to(tl.int64) * (S + 1)
-    p_first = first_ptr + i_bh.to(tl.int64) * (NB + 2)
+    p_first = first_ptr + i_bh.to(tl.int64) * (S + 2)
     zmax = tl.load(z_ptr + row)
     inv_h = tl.load(inv_ptr + i_bh)
     # A search inside one bucket takes as many halvings as its fullest bucket's size has
     # bits.
-    fullest = tl.load(occ_ptr + i_bh)
+    fullest = tl.load(fullest_ptr + i_bh)
     steps = fullest * 0
     while (1 << steps) <= fullest:
         steps += 1
-    tau = _noncausal_threshold(z_ptr, zpre_ptr, row, row1, p_first, zmax, inv_h, NB, steps,
-                               K, MAXIT, big, z_cut, u_w, BQ)
+    tau = _noncausal_threshold(z_ptr, zpre_ptr, row, row1, p_first, zmax, inv_h, S, steps,
+                               K, MAXIT, big, z_cut, u_w, BM)
     _store_selection(tau_ptr, rk_ptr, cnt_ptr, row, q_pos, m_q, big, tau, rk, cnt, n_g, S)
 
 
