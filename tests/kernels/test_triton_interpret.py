@@ -193,13 +193,16 @@ def test_noncausal_window_half_the_row_keeps_the_threshold_exact(seed, pattern):
     _check_selection(u, 9, 300, False)
 
 
-@pytest.mark.parametrize("pattern", ["wide", "ties", "constant"])
+@pytest.mark.parametrize("pattern", ["wide", "ties", "constant", "signed zeros"])
 def test_noncausal_rows_too_long_for_one_program_select_the_same(seed, monkeypatch, pattern):
     # Rows longer than PREP_MAX_LEN are sorted and bucketed by torch instead of the fused
-    # program: the same sort and sums, so the same selection.
+    # program: the same sort and sums, so the same selection. Signed zeros: the fused
+    # sort compares bits, and -0.0 must still tie with 0.0 (position order), as in torch.
     from sparsek import triton_fwd
 
-    u = SCORE_PATTERNS[pattern](torch.Generator().manual_seed(seed), 150).contiguous()
+    gen = torch.Generator().manual_seed(seed)
+    u = (torch.where(torch.rand(2, 1, 150, generator=gen) < 0.5, -0.0, 0.0)
+         if pattern == "signed zeros" else SCORE_PATTERNS[pattern](gen, 150)).contiguous()
     cfg = triton_fwd.ForwardConfig(block_m=64, heads=1, block_n=16, chunk=16, num_warps=4,
                                    num_stages=1)
     fused = triton_fwd.select(u, 9, 4, False, cfg)
