@@ -43,9 +43,9 @@ CAPS = {"scan": "SCAN_MAX_REGISTERS", "noncausal": "NONCAUSAL_MAX_REGISTERS",
 
 
 # The forward's module settings a variant may change; each variant starts from their values.
-KNOBS = ("SCAN_SLOTS", "SCAN_MIN_ROWS", "SCAN_WARPS", "NONCAUSAL_WARPS", "BOUNDARY_WARPS",
-         "BOUNDARY_CHUNK", "BOUNDARY_WALK_CHUNK", "BLOCK_CAUSAL_WARPS", "SELECT_ROWS",
-         *CAPS.values())
+KNOBS = ("SCAN_MAX_BUDGET", "SCAN_MAX_ENDS", "SCAN_MIN_ROWS", "SCAN_WARPS", "NONCAUSAL_WARPS",
+         "BOUNDARY_WARPS", "BOUNDARY_CHUNK", "BOUNDARY_WALK_CHUNK", "BLOCK_CAUSAL_WARPS",
+         "SELECT_ROWS", *CAPS.values())
 
 
 def _set_variant(base: dict, causal: bool, path: str, warps: str,
@@ -56,7 +56,7 @@ def _set_variant(base: dict, causal: bool, path: str, warps: str,
         setattr(triton_fwd, attr, value)
     triton_fwd.SCAN_MIN_ROWS = 1
     if path == "per-query":
-        triton_fwd.SCAN_SLOTS = 0
+        triton_fwd.SCAN_MAX_BUDGET = -1
     if warps not in ("-", "auto"):
         setattr(triton_fwd, "SCAN_WARPS" if causal else "NONCAUSAL_WARPS", int(warps))
     if cap is not None:

@@ -47,10 +47,12 @@ GATED_PROGRAMS = 8
 # Register slots for the scores that bend inside a block's threshold bracket (the causal
 # fast path); a block with more takes the generic path.
 SLOTS = 32
-# Register slots of the causal scan's alive set (scores above the running threshold). The
-# scan serves a budget of at most a quarter of them; a row that overflows is redone by the
-# per-query kernels.
-SCAN_SLOTS = 1024
+# The causal scan solves its first threshold over the first K + 1 scores held in registers,
+# so it serves budgets up to SCAN_MAX_BUDGET (-1: never). A walk that crosses more than
+# SCAN_MAX_ENDS piece ends for one new score flags its row, which the per-query kernels
+# redo.
+SCAN_MAX_BUDGET = 1023
+SCAN_MAX_ENDS = 100
 # The scan walks each row in order, one program per row: it pays where there are enough
 # rows to fill the GPU (measured: faster than the per-query kernels from 128 rows of 4096,
 # slower at 32). SCAN_MAX_LEN is a guard, not a measurement: a row of 65536 would be one
@@ -197,8 +199,8 @@ def _sort(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def _scan_serves(bh: int, seq_len: int, budget: int, on_gpu: bool) -> bool:
-    """Whether the per-row scan computes the causal selection (see SCAN_SLOTS)."""
-    fits = 4 * budget <= SCAN_SLOTS
+    """Whether the per-row scan computes the causal selection (see SCAN_MAX_BUDGET)."""
+    fits = budget <= SCAN_MAX_BUDGET
     if not on_gpu:  # the interpreter: always, so the tests cover it
         return fits
     return fits and bh >= SCAN_MIN_ROWS and seq_len <= SCAN_MAX_LEN
@@ -213,7 +215,7 @@ def _select_causal(scores, z, sp, rank, budget, window, cfg) -> Selection:
     bf = torch.empty((bh, nbnd, 2), dtype=torch.float32, device=dev)
     bi = torch.empty((bh, nbnd, 4), dtype=torch.int32, device=dev)
     tau, rk, cnt = _per_query(scores)
-    # The scan writes every query of a row and flags the rows it could not hold; the
+    # The scan writes every query of a row and flags any row it gave up on; the
     # per-query kernels then solve only those (all rows, when the scan does not run).
     scan = _scan_serves(bh, seq_len, budget, scores.is_cuda)
     flag = torch.zeros(bh, dtype=torch.int32, device=dev)
@@ -223,7 +225,8 @@ def _select_causal(scores, z, sp, rank, budget, window, cfg) -> Selection:
                                   .multi_processor_count) if dev.type == "cuda" else None)
         sparsek_causal_scan_kernel[(bh,)](
             scores, z, sp, rank, tau, rk, cnt, flag, seq_len, budget, window, MAX_NEWTON,
-            BM=cfg.block_m, CAP=SCAN_SLOTS, CH=32, num_warps=warps,
+            SCAN_MAX_ENDS, BM=cfg.block_m, KP=triton.next_power_of_2(budget + 1),
+            NW=triton.next_power_of_2(triton.cdiv(seq_len, 32)), CH=32, num_warps=warps,
             **_cap(regs))
     sparsek_boundary_fwd_kernel[(nbnd, bh)](
         z, sp, lists, bf, bi, flag, seq_len, nbnd, budget, window, MAX_NEWTON,

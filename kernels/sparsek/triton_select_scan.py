@@ -11,17 +11,19 @@ one candidate per query. Two facts make that walk cheap:
   piece as scalars (``f(t) = A + D - M (t - t_ref)``: A saturated scores, M in the middle,
   D their sum above t_ref) with its two ends: the lowest alive score, which drops out when
   t reaches it, and the lowest saturated one, which enters the middle when t + 1 does.
-  A new score updates the piece in O(1); only crossing an end needs a pass (a count and a
-  minimum) over the alive set, which stays in registers.
+  A new score updates the piece in O(1); only crossing an end needs the next score up.
 
-The top K are always alive (their scores are at least z_K > tau), so the cut (the global
-rank of the K-th best candidate) moves by one masked maximum when a new score enters them,
-and each query's list count follows from how many of the block's extras are among them.
+The scores walked so far are a bitmap over their global sort ranks (``S / 32`` words in
+registers). The sort orders scores descending, so "the next score above the lowest alive
+one" is the previous set bit below that rank, one short reduction over the words, and its
+value one load from the sort. The top K are always alive (their scores are at least
+z_K > tau), so the cut (the global rank of the K-th best candidate) moves to the previous
+set bit when a new score enters them, and each query's list count follows from how many of
+the block's extras are among them.
 
-The alive set is held in ``CAP`` register slots. A row whose alive set ever needs more
-(scores packed within a width of 1, such as long runs of ties) raises its flag, and the
-per-query kernels of ``triton_select`` redo that row; on random scores the alive set of
-K = 256 at S = 4096 holds about 560 scores.
+The first threshold (at K + 1 candidates) is solved over those scores held in registers. A
+row whose walk crosses more than MAXENDS piece ends for one new score raises its flag, and
+the per-query kernels of ``triton_select`` redo that row; random scores never come near.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from sparsek.triton_select import _newton_advance, _outward
 
 @triton.jit
 def _alive_threshold(a_z, valid, lo, hi, K, MAXIT):
-    """Root of ``sum clip(z - t, 0, 1) = K`` over the valid alive scores, in [lo, hi]."""
+    """Root of ``sum clip(z - t, 0, 1) = K`` over the valid scores, in [lo, hi]."""
     lo, hi = _outward(lo, hi)
     t = lo
     zero = (K * 0).to(tl.int32)
@@ -48,8 +50,10 @@ def _alive_threshold(a_z, valid, lo, hi, K, MAXIT):
         m_mid = valid & (a_z > t) & (a_z < t1)
         n_sat = tl.sum(m_sat.to(tl.int32), axis=0)
         n_mid = tl.sum(m_mid.to(tl.int32), axis=0)
-        d_mid = tl.sum(tl.where(m_mid, a_z - t, 0.0), axis=0)
-        f = n_sat.to(tl.float64) + d_mid.to(tl.float64)
+        # float64 terms, each exact: the sum does not depend on the reduction's order
+        # (so not on the register layout, the warps or the vector's length).
+        d_mid = tl.sum(tl.where(m_mid, a_z.to(tl.float64) - t.to(tl.float64), 0.0), axis=0)
+        f = n_sat.to(tl.float64) + d_mid
         t_next, lo, hi, newton, done = _newton_advance(t, f, n_sat, n_mid, prev_s, prev_n,
                                                        newton, lo, hi, it, K, MAXIT)
         prev_s, prev_n = n_sat, n_mid
@@ -60,33 +64,66 @@ def _alive_threshold(a_z, valid, lo, hi, K, MAXIT):
 
 
 @triton.jit
-def _lowest_above(a_z, z):
-    """(#{slots holding z}, the lowest score above z or +inf), for z above tau: unused
-    slots (-inf) and scores at or below tau never count."""
-    n_at = tl.sum((a_z == z).to(tl.int32), axis=0)
-    nxt = tl.min(tl.where(a_z > z, a_z, float("inf")), axis=0)
-    return n_at, nxt
-
-
-@triton.jit
-def _piece_at(a_z, valid, t):
-    """The linear piece of f at t: (A, M, D, lowest alive, lowest saturated)."""
+def _piece_at(a_z, a_r, valid, t):
+    """The linear piece of f at t: (A, M, D, lowest alive score and its rank, lowest
+    saturated score and its rank); a missing end is (+inf, -1)."""
     m_sat = valid & (a_z - 1.0 >= t)
-    m_mid = valid & (a_z > t) & (m_sat == 0)
+    m_alive = valid & (a_z > t)
+    m_mid = m_alive & (m_sat == 0)
     n_sat = tl.sum(m_sat.to(tl.int32), axis=0)
     n_mid = tl.sum(m_mid.to(tl.int32), axis=0)
     d_mid = tl.sum(tl.where(m_mid, a_z.to(tl.float64) - t.to(tl.float64), 0.0), axis=0)
-    b_lo = tl.min(tl.where(valid & (a_z > t), a_z, float("inf")), axis=0)
+    # Ranks order scores descending, so the lowest score of a set is its highest rank.
+    b_lo = tl.min(tl.where(m_alive, a_z, float("inf")), axis=0)
+    rb = tl.max(tl.where(m_alive, a_r, -1), axis=0)
     s_lo = tl.min(tl.where(m_sat, a_z, float("inf")), axis=0)
-    return n_sat, n_mid, d_mid, b_lo, s_lo
+    rs = tl.max(tl.where(m_sat, a_r, -1), axis=0)
+    return n_sat, n_mid, d_mid, b_lo, rb, s_lo, rs
 
 
 @triton.jit
-def _walk_pieces(a_z, tau, t_ref, n_sat, n_mid, d_mid, b_lo, s_lo, K, MAXIT):
+def _set_rank(bm, o_w, r):
+    """The bitmap with rank r added: word r // 32, bit 31 - r % 32 (so that a word's
+    highest rank is its lowest set bit)."""
+    bit = tl.full([], 1, tl.uint32) << (31 - (r & 31)).to(tl.uint32)
+    return bm | tl.where(o_w == (r >> 5), bit, tl.zeros_like(bm))
+
+
+@triton.jit
+def _prev_rank(bm, o_w, x):
+    """The highest rank below x in the bitmap, or -1."""
+    w = x >> 5
+    b = (x & 31).to(tl.uint32)
+    full = tl.full([], 0xFFFFFFFF, tl.uint32)
+    part = tl.where(b == 0, tl.zeros_like(full), full << (32 - tl.maximum(b, 1)))
+    mw = bm & tl.where(o_w < w, full, tl.where(o_w == w, part, tl.zeros_like(full)))
+    low = mw & (~mw + 1)  # the lowest set bit, a power of two: exact as a float
+    e = (low.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127
+    return tl.max(tl.where(mw != 0, o_w * 32 + 31 - e, -1), axis=0)
+
+
+@triton.jit
+def _tie_group(bm, o_w, z_ptr, row, r, z_r):
+    """From rank r (in the bitmap, score z_r) down: how many ranks in the bitmap hold z_r
+    (ties sit next to each other in the sort), and the next rank above them with its
+    score (-1, +inf if none)."""
+    n_at = (r * 0 + 1).to(tl.int32)
+    nxt = _prev_rank(bm, o_w, r)
+    z_n = tl.load(z_ptr + row + nxt, mask=nxt >= 0, other=float("inf"))
+    while z_n == z_r:
+        n_at += 1
+        nxt = _prev_rank(bm, o_w, nxt)
+        z_n = tl.load(z_ptr + row + nxt, mask=nxt >= 0, other=float("inf"))
+    return n_at, nxt, z_n
+
+
+@triton.jit
+def _walk_pieces(bm, o_w, z_ptr, row, tau, t_ref, n_sat, n_mid, d_mid, b_lo, rb, s_lo, rs,
+                 K, MAXENDS):
     """The largest root of f at or above tau, walking the pieces from the current one.
 
-    Returns (root, A, M, D, lowest alive, lowest saturated, ok); ``ok`` is false only if
-    MAXIT ends were crossed, which random scores never come near.
+    Returns (root, A, M, D, lowest alive score and rank, lowest saturated score and rank,
+    ok); ``ok`` is false only if MAXENDS ends were crossed.
     """
     t = tau  # the start of the current piece
     it = (K * 0).to(tl.int32)
@@ -109,13 +146,13 @@ def _walk_pieces(a_z, tau, t_ref, n_sat, n_mid, d_mid, b_lo, s_lo, K, MAXIT):
         if found:
             t = tl.maximum(t_root, tau)
         if drop:
-            n_at, nxt = _lowest_above(a_z, b_lo)
+            n_at, rb, nxt = _tie_group(bm, o_w, z_ptr, row, rb, b_lo)
             n_mid -= n_at
             d_mid -= n_at.to(tl.float64) * (b_lo.to(tl.float64) - t_ref.to(tl.float64))
             t = b_lo
             b_lo = nxt
         if enter:
-            n_at, nxt = _lowest_above(a_z, s_lo)
+            n_at, rs, nxt = _tie_group(bm, o_w, z_ptr, row, rs, s_lo)
             n_sat -= n_at
             n_mid += n_at
             d_mid += n_at.to(tl.float64) * (s_lo.to(tl.float64) - t_ref.to(tl.float64))
@@ -123,59 +160,49 @@ def _walk_pieces(a_z, tau, t_ref, n_sat, n_mid, d_mid, b_lo, s_lo, K, MAXIT):
             s_lo = nxt
         d_mid = tl.where(n_mid > 0, d_mid, 0.0)  # exactly 0, not a rounding residue
         it += 1
-        go = (found == 0) & (it < MAXIT)
-    return t, n_sat, n_mid, d_mid, b_lo, s_lo, it < MAXIT
-
-
-@triton.jit
-def _compact(z_ptr, row, a_z, a_r, tau, rk, CAP: tl.constexpr):
-    """Pack the alive scores (above tau, or among the top K) into the first slots, in
-    rank order; their scores come back from the sort. -> (a_z, a_r, slots in use)."""
-    alive = (a_r >= 0) & ((a_z > tau) | (a_r <= rk))
-    keys = tl.sort(tl.where(alive, a_r, 2147483647), 0)
-    a_r = tl.where(keys < 2147483647, keys, -1)
-    a_z = tl.load(z_ptr + row + a_r, mask=a_r >= 0, other=float("-inf"))
-    return a_z, a_r, tl.sum(alive.to(tl.int32), axis=0)
+        go = (found == 0) & (it < MAXENDS)
+    return t, n_sat, n_mid, d_mid, b_lo, rb, s_lo, rs, it < MAXENDS
 
 
 @triton.jit
 def sparsek_causal_scan_kernel(
     u_ptr, z_ptr, sp_ptr, rank_ptr, tau_ptr, rk_ptr, cnt_ptr, flag_ptr,
-    S, K, W, MAXIT,
-    BM: tl.constexpr, CAP: tl.constexpr, CH: tl.constexpr,
+    S, K, W, MAXIT, MAXENDS,
+    BM: tl.constexpr, KP: tl.constexpr, NW: tl.constexpr, CH: tl.constexpr,
 ):
-    """tau, rk and cnt [BH, S] of every query of one row; flag [BH] = 1 if the alive set
-    overflowed its CAP slots (the row's outputs are then not to be used).
+    """tau, rk and cnt [BH, S] of every query of one row; flag [BH] = 1 if a walk crossed
+    MAXENDS piece ends (the row's outputs are then not to be used).
 
     Query i (block b = i // BM, base ``[0, P]`` with P = b * BM - W) selects the top K of
     ``[0, i - W]``: ``rk`` is the global rank of the K-th of them and ``cnt`` how many come
     from the block's list, i.e. K less the selected extras ``(P, i - W]``. A query with at
     most K candidates keeps them all: tau = -inf, rk = S, cnt = the list's length.
 
-    Slots are filled in order; a score that falls to tau stays in its slot, where it no
-    longer counts, until the slots run out and ``_compact`` packs the live ones.
+    KP: a power of two above K (the first solve's registers); NW: a power of two of at
+    least S / 32 (the bitmap's words).
     """
     i_bh = tl.program_id(0)
     row = i_bh.to(tl.int64) * S
-    o = tl.arange(0, CAP)
+    o_k = tl.arange(0, KP)
+    o_w = tl.arange(0, NW)
     o_ch = tl.arange(0, CH)
     o_bm = tl.arange(0, BM)
-    a_z = tl.zeros([CAP], tl.float32) + float("-inf")  # scores; -inf in unused slots
-    a_r = tl.zeros([CAP], tl.int32) - 1  # global sort ranks; -1 in unused slots
+    bm = tl.zeros([NW], tl.uint32)  # the global ranks of the alive scores walked so far
     fzero = tl.sum(tl.zeros([CH], tl.float32), axis=0)
     izero = tl.sum(tl.zeros([CH], tl.int32), axis=0)
-    n_used = izero
     tau = fzero + float("-inf")
     rk = izero + S
     sel = izero  # selected extras of the current block
     over = izero
-    # The current piece of f (see the module's docstring).
+    # The current piece of f (see the module's docstring), its ends' scores and ranks.
     t_ref = fzero
     n_sat = izero
     n_mid = izero
     d_mid = fzero.to(tl.float64)
     b_lo = fzero
     s_lo = fzero
+    rb = izero
+    rs = izero
     n_w = tl.minimum(W, S)
     for q0 in range(0, n_w, CH):  # queries with no candidate at all
         q = q0 + o_ch
@@ -188,7 +215,6 @@ def sparsek_causal_scan_kernel(
         p_c = c0 + o_ch
         m_c = p_c < n_pos
         u_c = tl.load(u_ptr + row + p_c, mask=m_c, other=0.0)
-        r_c = tl.load(rank_ptr + row + p_c, mask=m_c, other=0)
         # Events: a position whose score may be alive (tau only rises, so a score at or
         # below the current tau never is again) or whose query starts a block (sel starts
         # over there). Any other position changes nothing, so its query repeats the state
@@ -201,22 +227,18 @@ def sparsek_causal_scan_kernel(
         k = tl.min(tl.where(ev, o_ch, CH), axis=0)
         while k < CH:
             p = c0 + k
-            u_p = tl.sum(tl.where(o_ch == k, u_c, 0.0), axis=0)
-            r_p = tl.sum(tl.where(o_ch == k, r_c, 0), axis=0)
+            u_p = tl.load(u_ptr + row + p)
+            r_p = tl.load(rank_ptr + row + p)
             i = p + W
             base_end = (i // BM) * BM - W  # P of the query's block
             sel = tl.where(i % BM == 0, 0, sel)
             n = p + 1
             if (n <= K + 1) | (u_p > tau):  # the new score is alive
-                if n_used == CAP:
-                    a_z, a_r, n_used = _compact(z_ptr, row, a_z, a_r, tau, rk, CAP)
-                    over = over | (n_used == CAP).to(tl.int32)
-                hit = o == n_used
-                a_z = tl.where(hit, u_p, a_z)
-                a_r = tl.where(hit, r_p, a_r)
-                n_used = tl.minimum(n_used + 1, CAP)
+                bm = _set_rank(bm, o_w, r_p)
                 if n == K + 1:  # the first query with more than K candidates
-                    valid = a_r >= 0
+                    valid = o_k <= K
+                    a_z = tl.load(u_ptr + row + o_k, mask=valid, other=float("-inf"))
+                    a_r = tl.load(rank_ptr + row + o_k, mask=valid, other=-1)
                     r_max = tl.max(a_r, axis=0)
                     rk = tl.max(tl.where(a_r < r_max, a_r, -1), axis=0)
                     # Its selected extras: positions (P, p] ranked within the top K.
@@ -227,20 +249,23 @@ def sparsek_causal_scan_kernel(
                     z_k = tl.max(tl.where(a_r == rk, a_z, float("-inf")), axis=0)
                     tau = _alive_threshold(a_z, valid, z_k - 1.0, z_k, K, MAXIT)
                     t_ref = tau
-                    n_sat, n_mid, d_mid, b_lo, s_lo = _piece_at(a_z, valid, tau)
+                    n_sat, n_mid, d_mid, b_lo, rb, s_lo, rs = _piece_at(a_z, a_r, valid, tau)
                 elif n > K + 1:
                     if r_p < rk:  # it enters the top K and the K-th best leaves
                         p_out = tl.load(sp_ptr + row + rk)
                         sel += (p > base_end).to(tl.int32) - (p_out > base_end).to(tl.int32)
-                        rk = tl.max(tl.where(a_r < rk, a_r, -1), axis=0)
+                        rk = _prev_rank(bm, o_w, rk)
                     sat = u_p - 1.0 >= tau
                     n_sat += sat.to(tl.int32)
                     n_mid += (sat == 0).to(tl.int32)
                     d_mid += tl.where(sat, 0.0, u_p.to(tl.float64) - t_ref.to(tl.float64))
                     s_lo = tl.where(sat, tl.minimum(s_lo, u_p), s_lo)
+                    rs = tl.where(sat, tl.maximum(rs, r_p), rs)
                     b_lo = tl.minimum(b_lo, u_p)
-                    tau, n_sat, n_mid, d_mid, b_lo, s_lo, ok = _walk_pieces(
-                        a_z, tau, t_ref, n_sat, n_mid, d_mid, b_lo, s_lo, K, MAXIT)
+                    rb = tl.maximum(rb, r_p)
+                    tau, n_sat, n_mid, d_mid, b_lo, rb, s_lo, rs, ok = _walk_pieces(
+                        bm, o_w, z_ptr, row, tau, t_ref, n_sat, n_mid, d_mid, b_lo, rb,
+                        s_lo, rs, K, MAXENDS)
                     over = over | (ok == 0).to(tl.int32)
             big = n > K
             n_g = tl.minimum(tl.maximum(base_end + 1, 0), K)

@@ -194,7 +194,7 @@ def _force_path(monkeypatch, path: str) -> None:
     if path == "scan":
         monkeypatch.setattr(triton_fwd, "SCAN_MIN_ROWS", 1)
     elif path == "per-query":
-        monkeypatch.setattr(triton_fwd, "SCAN_SLOTS", 0)
+        monkeypatch.setattr(triton_fwd, "SCAN_MAX_BUDGET", -1)
 
 
 @pytest.mark.parametrize(("B", "Hq", "Hkv", "S", "D", "K", "W", "causal", "dtype"), [

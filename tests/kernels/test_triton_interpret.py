@@ -167,7 +167,7 @@ def _check_selection(u: torch.Tensor, K: int, W: int, causal: bool) -> None:
     assert float((sel.tau.double() - want)[~kept_all].abs().max()) <= 4e-7 * float(scale)
 
 
-# Causal selection runs two ways: the per-row scan, or (scan off: no slots) the per-query
+# Causal selection runs two ways: the per-row scan, or (scan off) the per-query
 # kernels that also redo any row the scan gives back.
 PATHS = [(False, "per-block"), (True, "scan"), (True, "per-query")]
 
@@ -178,7 +178,7 @@ def test_selection_matches_the_mask(seed, monkeypatch, pattern, causal, path):
     from sparsek import triton_fwd
 
     if path == "per-query":
-        monkeypatch.setattr(triton_fwd, "SCAN_SLOTS", 0)
+        monkeypatch.setattr(triton_fwd, "SCAN_MAX_BUDGET", -1)
     u = SCORE_PATTERNS[pattern](torch.Generator().manual_seed(seed), 100).contiguous()
     _check_selection(u, 9, 4, causal)
 
@@ -230,30 +230,45 @@ def test_causal_selection_when_bending_extras_overflow_the_slots(seed, monkeypat
     from sparsek import triton_fwd
 
     monkeypatch.setattr(triton_fwd, "SLOTS", slots)
-    monkeypatch.setattr(triton_fwd, "SCAN_SLOTS", 0)
+    monkeypatch.setattr(triton_fwd, "SCAN_MAX_BUDGET", -1)
     u = torch.randn(2, 1, 257, generator=torch.Generator().manual_seed(seed))
     _check_selection(u, 20, 8, True)
 
 
-def test_rows_the_scan_cannot_hold_are_redone_by_the_per_query_kernels(seed, monkeypatch):
-    # 32 slots hold the alive scores of a random row (K = 7), never those of a constant
-    # or three-level row (every score within 1 of tau): those two overflow, raise their
-    # flag, and must still come out exactly as the mask says, next to the scanned row.
+def _scan_flags(u, K, W, max_ends):
+    import triton
+
     from sparsek import triton_fwd
     from sparsek.triton_select_scan import sparsek_causal_scan_kernel
 
-    monkeypatch.setattr(triton_fwd, "SCAN_SLOTS", 32)
+    scores = u.reshape(u.shape[0], -1).contiguous()
+    rows, S = scores.shape
+    z, sp, rank = triton_fwd._sort(scores)
+    tau, rk, cnt = triton_fwd._per_query(scores)
+    flag = torch.zeros(rows, dtype=torch.int32)
+    sparsek_causal_scan_kernel[(rows,)](
+        scores, z, sp, rank, tau, rk, cnt, flag, S, K, W, 100, max_ends, BM=64,
+        KP=triton.next_power_of_2(K + 1), NW=triton.next_power_of_2(triton.cdiv(S, 32)),
+        CH=32)
+    return flag.tolist()
+
+
+def test_the_scan_holds_rows_of_ties_and_redoes_rows_it_gives_up_on(seed, monkeypatch):
+    # The scan keeps every walked score (a bitmap over sort ranks), so rows whose scores
+    # all sit within 1 of tau (constant, three levels) are its own, like a random row.
+    # A row it gives up on (more piece ends crossed for one new score than allowed) is
+    # flagged and redone by the per-query kernels: the selection is the mask's either way.
+    from sparsek import triton_fwd
+
     S, K, W = 257, 7, 4
     gen = torch.Generator().manual_seed(seed)
     u = torch.stack([torch.randn(S, generator=gen), torch.full((S,), 0.3),
                      torch.randint(0, 3, (S,), generator=gen).float()]).reshape(3, 1, S)
-    scores = u.reshape(3, S).contiguous()
-    z, sp, rank = triton_fwd._sort(scores)
-    tau, rk, cnt = triton_fwd._per_query(scores)
-    flag = torch.zeros(3, dtype=torch.int32)
-    sparsek_causal_scan_kernel[(3,)](scores, z, sp, rank, tau, rk, cnt, flag, S, K, W, 100,
-                                     BM=64, CAP=32, CH=32)
-    assert flag.tolist() == [0, 1, 1]
+    assert _scan_flags(u, K, W, 100) == [0, 0, 0]
+    _check_selection(u, K, W, True)
+    # One end a new score: a random row soon needs two (the one it drops, then the root).
+    assert _scan_flags(u, K, W, 1)[0] == 1
+    monkeypatch.setattr(triton_fwd, "SCAN_MAX_ENDS", 1)
     _check_selection(u, K, W, True)
 
 
