@@ -20,7 +20,11 @@ import triton
 
 from sparsek._checks import check_attention_inputs, check_out, check_triton_head_dim
 from sparsek.triton_attn import sparsek_attn_fwd_kernel, sparsek_attn_fwd_tuned
-from sparsek.triton_select import sparsek_block_causal_fwd_kernel, sparsek_boundary_fwd_kernel
+from sparsek.triton_select import (
+    sparsek_block_causal_fwd_kernel,
+    sparsek_boundary_fwd_kernel,
+    sparsek_sort_ranks_kernel,
+)
 from sparsek.triton_select_noncausal import (
     sparsek_block_noncausal_fwd_kernel,
     sparsek_noncausal_prep_kernel,
@@ -192,10 +196,11 @@ def _sort(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     position first, which is the contract's tie order."""
     z, order = torch.sort(scores, dim=1, descending=True, stable=True)
     bh, seq_len = scores.shape
-    ranks = torch.arange(seq_len, dtype=torch.int32, device=scores.device).expand(bh, seq_len)
-    rank = torch.empty((bh, seq_len), dtype=torch.int32, device=scores.device)
-    rank.scatter_(1, order, ranks.contiguous())
-    return z.contiguous(), order.to(torch.int32), rank
+    sp = torch.empty((bh, seq_len), dtype=torch.int32, device=scores.device)
+    rank = torch.empty_like(sp)
+    sparsek_sort_ranks_kernel[(triton.cdiv(seq_len, 1024), bh)](order, sp, rank, seq_len,
+                                                                 BLOCK=1024)
+    return z.contiguous(), sp, rank
 
 
 def _scan_serves(bh: int, seq_len: int, budget: int, on_gpu: bool) -> bool:

@@ -32,6 +32,18 @@ import triton.language as tl
 
 
 @triton.jit
+def sparsek_sort_ranks_kernel(order_ptr, sp_ptr, rank_ptr, S, BLOCK: tl.constexpr):
+    """From a sort's permutation ``order`` [BH, S] (int64): its int32 copy ``sp`` and its
+    inverse ``rank`` (rank[order[r]] = r), for one BLOCK of ranks of one row."""
+    row = tl.program_id(1).to(tl.int64) * S
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = r < S
+    pos = tl.load(order_ptr + row + r, mask=m, other=0)
+    tl.store(sp_ptr + row + r, pos.to(tl.int32), mask=m)
+    tl.store(rank_ptr + row + pos, r, mask=m)
+
+
+@triton.jit
 def _ulps(lo, hi):
     """About two float32 ulps at the bracket's scale: narrower brackets are resolved."""
     return tl.maximum(tl.maximum(tl.abs(lo), tl.abs(hi)) * 2.4e-7, 1e-30)
