@@ -203,6 +203,7 @@ def sparsek_causal_scan_kernel(
     s_lo = fzero
     rb = izero
     rs = izero
+    p_k = izero  # the position of the K-th best (global rank rk)
     n_w = tl.minimum(W, S)
     for q0 in range(0, n_w, CH):  # queries with no candidate at all
         q = q0 + o_ch
@@ -247,14 +248,15 @@ def sparsek_causal_scan_kernel(
                     x_r = tl.load(rank_ptr + row + x_pos, mask=m_x, other=S)
                     sel = tl.sum((x_r <= rk).to(tl.int32), axis=0)
                     z_k = tl.max(tl.where(a_r == rk, a_z, float("-inf")), axis=0)
+                    p_k = tl.load(sp_ptr + row + rk)
                     tau = _alive_threshold(a_z, valid, z_k - 1.0, z_k, K, MAXIT)
                     t_ref = tau
                     n_sat, n_mid, d_mid, b_lo, rb, s_lo, rs = _piece_at(a_z, a_r, valid, tau)
                 elif n > K + 1:
                     if r_p < rk:  # it enters the top K and the K-th best leaves
-                        p_out = tl.load(sp_ptr + row + rk)
-                        sel += (p > base_end).to(tl.int32) - (p_out > base_end).to(tl.int32)
+                        sel += (p > base_end).to(tl.int32) - (p_k > base_end).to(tl.int32)
                         rk = _prev_rank(bm, o_w, rk)
+                        p_k = tl.load(sp_ptr + row + rk)  # not needed before the next move
                     sat = u_p - 1.0 >= tau
                     n_sat += sat.to(tl.int32)
                     n_mid += (sat == 0).to(tl.int32)
