@@ -29,7 +29,7 @@ from sparsek.triton_select_noncausal import (
     sparsek_block_noncausal_fwd_kernel,
     sparsek_noncausal_prep_kernel,
 )
-from sparsek.triton_select_scan import sparsek_causal_scan_kernel
+from sparsek.triton_select_scan import sparsek_causal_scan_kernel, sparsek_scan_start_kernel
 
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -224,13 +224,20 @@ def _select_causal(scores, z, sp, rank, budget, window, cfg) -> Selection:
     # per-query kernels then solve only those (all rows, when the scan does not run).
     scan = _scan_serves(bh, seq_len, budget, scores.is_cuda)
     flag = torch.zeros(bh, dtype=torch.int32, device=dev)
+
     if scan:
         warps = SCAN_WARPS or (1 if bh >= 512 else 4)
         regs = (scan_register_cap(bh, warps, torch.cuda.get_device_properties(dev)
                                   .multi_processor_count) if dev.type == "cuda" else None)
+        st_i = torch.empty((bh, 8), dtype=torch.int32, device=dev)
+        st_f = torch.empty((bh, 4), dtype=torch.float32, device=dev)
+        st_d = torch.empty(bh, dtype=torch.float64, device=dev)
+        sparsek_scan_start_kernel[(bh,)](
+            scores, sp, rank, st_i, st_f, st_d, seq_len, budget, window, MAX_NEWTON,
+            BM=cfg.block_m, KP=triton.next_power_of_2(budget + 1), num_warps=warps)
         sparsek_causal_scan_kernel[(bh,)](
-            scores, z, sp, rank, tau, rk, cnt, flag, seq_len, budget, window, MAX_NEWTON,
-            SCAN_MAX_ENDS, BM=cfg.block_m, KP=triton.next_power_of_2(budget + 1),
+            scores, z, sp, rank, tau, rk, cnt, flag, st_i, st_f, st_d, seq_len, budget,
+            window, SCAN_MAX_ENDS, BM=cfg.block_m,
             NW=triton.next_power_of_2(triton.cdiv(seq_len, 32)), CH=32, num_warps=warps,
             **_cap(regs))
     sparsek_boundary_fwd_kernel[(nbnd, bh)](

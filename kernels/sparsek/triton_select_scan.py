@@ -21,9 +21,10 @@ z_K > tau), so the cut (the global rank of the K-th best candidate) moves to the
 set bit when a new score enters them, and each query's list count follows from how many of
 the block's extras are among them.
 
-The first threshold (at K + 1 candidates) is solved over those scores held in registers. A
-row whose walk crosses more than MAXENDS piece ends for one new score raises its flag, and
-the per-query kernels of ``triton_select`` redo that row; random scores never come near.
+The first threshold (at K + 1 candidates) is solved beforehand by a small kernel of its own,
+over those scores held in registers. A row whose walk crosses more than MAXENDS piece ends
+for one new score raises its flag, and the per-query kernels of ``triton_select`` redo that
+row; random scores never come near.
 """
 
 from __future__ import annotations
@@ -165,10 +166,57 @@ def _walk_pieces(bm, o_w, z_ptr, row, tau, t_ref, n_sat, n_mid, d_mid, b_lo, rb,
 
 
 @triton.jit
+def sparsek_scan_start_kernel(
+    u_ptr, sp_ptr, rank_ptr, st_i_ptr, st_f_ptr, st_d_ptr, S, K, W, MAXIT,
+    BM: tl.constexpr, KP: tl.constexpr,
+):
+    """The scan's state at its first query with more than K candidates (i = K + W, whose
+    candidates are positions 0..K), one row a program: the first threshold, solved over
+    those K + 1 scores in registers, and the piece of f there.
+
+    Writes st_i [BH, 8] (rk, sel, A, M, rank of the lowest alive, rank of the lowest
+    saturated, position of the K-th best), st_f [BH, 4] (tau, lowest alive score, lowest
+    saturated score) and st_d [BH] (D). KP: a power of two above K. Kept apart from the
+    scan so that the scan's registers hold only its walk.
+    """
+    i_bh = tl.program_id(0)
+    row = i_bh.to(tl.int64) * S
+    o_k = tl.arange(0, KP)
+    valid = (o_k <= K) & (o_k < S)
+    a_z = tl.load(u_ptr + row + o_k, mask=valid, other=float("-inf"))
+    a_r = tl.load(rank_ptr + row + o_k, mask=valid, other=-1)
+    r_max = tl.max(a_r, axis=0)
+    rk = tl.max(tl.where(a_r < r_max, a_r, -1), axis=0)
+    # Its selected extras: positions (P, K] ranked within the top K.
+    base_end = ((K + W) // BM) * BM - W
+    x_pos = base_end + 1 + tl.arange(0, BM)
+    m_x = (x_pos >= 0) & (x_pos <= K) & (x_pos < S)
+    x_r = tl.load(rank_ptr + row + x_pos, mask=m_x, other=S)
+    sel = tl.sum((x_r <= rk).to(tl.int32), axis=0)
+    z_k = tl.max(tl.where(a_r == rk, a_z, float("-inf")), axis=0)
+    tau = _alive_threshold(a_z, valid, z_k - 1.0, z_k, K, MAXIT)
+    n_sat, n_mid, d_mid, b_lo, rb, s_lo, rs = _piece_at(a_z, a_r, valid, tau)
+    p_k = tl.load(sp_ptr + row + rk, mask=rk >= 0, other=0)
+    p_i = st_i_ptr + i_bh * 8
+    tl.store(p_i, rk)
+    tl.store(p_i + 1, sel)
+    tl.store(p_i + 2, n_sat)
+    tl.store(p_i + 3, n_mid)
+    tl.store(p_i + 4, rb)
+    tl.store(p_i + 5, rs)
+    tl.store(p_i + 6, p_k)
+    p_f = st_f_ptr + i_bh * 4
+    tl.store(p_f, tau)
+    tl.store(p_f + 1, b_lo)
+    tl.store(p_f + 2, s_lo)
+    tl.store(st_d_ptr + i_bh, d_mid)
+
+
+@triton.jit
 def sparsek_causal_scan_kernel(
     u_ptr, z_ptr, sp_ptr, rank_ptr, tau_ptr, rk_ptr, cnt_ptr, flag_ptr,
-    S, K, W, MAXIT, MAXENDS,
-    BM: tl.constexpr, KP: tl.constexpr, NW: tl.constexpr, CH: tl.constexpr,
+    st_i_ptr, st_f_ptr, st_d_ptr, S, K, W, MAXENDS,
+    BM: tl.constexpr, NW: tl.constexpr, CH: tl.constexpr,
 ):
     """tau, rk and cnt [BH, S] of every query of one row; flag [BH] = 1 if a walk crossed
     MAXENDS piece ends (the row's outputs are then not to be used).
@@ -178,15 +226,14 @@ def sparsek_causal_scan_kernel(
     from the block's list, i.e. K less the selected extras ``(P, i - W]``. A query with at
     most K candidates keeps them all: tau = -inf, rk = S, cnt = the list's length.
 
-    KP: a power of two above K (the first solve's registers); NW: a power of two of at
-    least S / 32 (the bitmap's words).
+    The state at the first query with more than K candidates comes from
+    ``sparsek_scan_start_kernel``. NW: a power of two of at least S / 32 (the bitmap's
+    words).
     """
     i_bh = tl.program_id(0)
     row = i_bh.to(tl.int64) * S
-    o_k = tl.arange(0, KP)
     o_w = tl.arange(0, NW)
     o_ch = tl.arange(0, CH)
-    o_bm = tl.arange(0, BM)
     bm = tl.zeros([NW], tl.uint32)  # the global ranks of the alive scores walked so far
     fzero = tl.sum(tl.zeros([CH], tl.float32), axis=0)
     izero = tl.sum(tl.zeros([CH], tl.int32), axis=0)
@@ -237,21 +284,20 @@ def sparsek_causal_scan_kernel(
             if (n <= K + 1) | (u_p > tau):  # the new score is alive
                 bm = _set_rank(bm, o_w, r_p)
                 if n == K + 1:  # the first query with more than K candidates
-                    valid = o_k <= K
-                    a_z = tl.load(u_ptr + row + o_k, mask=valid, other=float("-inf"))
-                    a_r = tl.load(rank_ptr + row + o_k, mask=valid, other=-1)
-                    r_max = tl.max(a_r, axis=0)
-                    rk = tl.max(tl.where(a_r < r_max, a_r, -1), axis=0)
-                    # Its selected extras: positions (P, p] ranked within the top K.
-                    x_pos = base_end + 1 + o_bm
-                    m_x = (x_pos >= 0) & (x_pos <= p)
-                    x_r = tl.load(rank_ptr + row + x_pos, mask=m_x, other=S)
-                    sel = tl.sum((x_r <= rk).to(tl.int32), axis=0)
-                    z_k = tl.max(tl.where(a_r == rk, a_z, float("-inf")), axis=0)
-                    p_k = tl.load(sp_ptr + row + rk)
-                    tau = _alive_threshold(a_z, valid, z_k - 1.0, z_k, K, MAXIT)
+                    p_i = st_i_ptr + i_bh * 8
+                    p_f = st_f_ptr + i_bh * 4
+                    rk = tl.load(p_i)
+                    sel = tl.load(p_i + 1)
+                    n_sat = tl.load(p_i + 2)
+                    n_mid = tl.load(p_i + 3)
+                    rb = tl.load(p_i + 4)
+                    rs = tl.load(p_i + 5)
+                    p_k = tl.load(p_i + 6)
+                    tau = tl.load(p_f)
+                    b_lo = tl.load(p_f + 1)
+                    s_lo = tl.load(p_f + 2)
+                    d_mid = tl.load(st_d_ptr + i_bh)
                     t_ref = tau
-                    n_sat, n_mid, d_mid, b_lo, rb, s_lo, rs = _piece_at(a_z, a_r, valid, tau)
                 elif n > K + 1:
                     if r_p < rk:  # it enters the top K and the K-th best leaves
                         sel += (p > base_end).to(tl.int32) - (p_k > base_end).to(tl.int32)

@@ -183,16 +183,19 @@ def test_ties_and_dense_limits(make_inputs, causal):
     assert rel(o, want) < 1e-5
 
 
-# The causal selection's two paths: the per-row scan (forced even for few rows) and the
-# per-query kernels (scan off).
-PATHS = [(False, "per-block"), (True, "scan"), (True, "per-query")]
+# The causal selection's paths: the per-row scan (forced even for few rows), the scan
+# giving rows back (at most one piece end a new score), which the boundary and per-query
+# kernels then solve, and the per-query kernels alone (scan off).
+PATHS = [(False, "per-block"), (True, "scan"), (True, "scan, rows redone"), (True, "per-query")]
 
 
 def _force_path(monkeypatch, path: str) -> None:
     from sparsek import triton_fwd
 
-    if path == "scan":
+    if path.startswith("scan"):
         monkeypatch.setattr(triton_fwd, "SCAN_MIN_ROWS", 1)
+    if path == "scan, rows redone":
+        monkeypatch.setattr(triton_fwd, "SCAN_MAX_ENDS", 1)
     elif path == "per-query":
         monkeypatch.setattr(triton_fwd, "SCAN_MAX_BUDGET", -1)
 
@@ -202,9 +205,10 @@ def _force_path(monkeypatch, path: str) -> None:
     (2, 4, 2, 4096, 128, 256, 256, True, BF16),
     (1, 2, 1, 777, 64, 200, 0, True, F16),
 ])
+@pytest.mark.parametrize("path", ["scan", "scan, rows redone"])
 def test_forward_through_the_scan_matches_reference(make_inputs, monkeypatch, B, Hq, Hkv, S,
-                                                    D, K, W, causal, dtype):
-    _force_path(monkeypatch, "scan")
+                                                    D, K, W, causal, dtype, path):
+    _force_path(monkeypatch, path)
     x = make_inputs(batch=B, q_heads=Hq, kv_heads=Hkv, seq_len=S, dim=D, dtype=dtype,
                     device="cuda")
     check_against_reference(x, dtype, kv_budget=K, window=W, causal=causal, scale=None)

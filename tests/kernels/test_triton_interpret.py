@@ -239,17 +239,21 @@ def _scan_flags(u, K, W, max_ends):
     import triton
 
     from sparsek import triton_fwd
-    from sparsek.triton_select_scan import sparsek_causal_scan_kernel
+    from sparsek.triton_select_scan import sparsek_causal_scan_kernel, sparsek_scan_start_kernel
 
     scores = u.reshape(u.shape[0], -1).contiguous()
     rows, S = scores.shape
     z, sp, rank = triton_fwd._sort(scores)
     tau, rk, cnt = triton_fwd._per_query(scores)
     flag = torch.zeros(rows, dtype=torch.int32)
+    st_i = torch.empty((rows, 8), dtype=torch.int32)
+    st_f = torch.empty((rows, 4), dtype=torch.float32)
+    st_d = torch.empty(rows, dtype=torch.float64)
+    sparsek_scan_start_kernel[(rows,)](scores, sp, rank, st_i, st_f, st_d, S, K, W, 100,
+                                       BM=64, KP=triton.next_power_of_2(K + 1))
     sparsek_causal_scan_kernel[(rows,)](
-        scores, z, sp, rank, tau, rk, cnt, flag, S, K, W, 100, max_ends, BM=64,
-        KP=triton.next_power_of_2(K + 1), NW=triton.next_power_of_2(triton.cdiv(S, 32)),
-        CH=32)
+        scores, z, sp, rank, tau, rk, cnt, flag, st_i, st_f, st_d, S, K, W, max_ends, BM=64,
+        NW=triton.next_power_of_2(triton.cdiv(S, 32)), CH=32)
     return flag.tolist()
 
 
