@@ -240,7 +240,7 @@ def _select_causal(scores, z, sp, rank, budget, window, cfg) -> Selection:
             window, SCAN_MAX_ENDS, BM=cfg.block_m,
             NW=triton.next_power_of_2(triton.cdiv(seq_len, 32)), CH=32, num_warps=warps,
             **_cap(regs))
-    sparsek_boundary_fwd_kernel[(nbnd, bh)](
+    sparsek_boundary_fwd_kernel[(nbnd * bh,)](
         z, sp, lists, bf, bi, flag, seq_len, nbnd, budget, window, MAX_NEWTON,
         BM=cfg.block_m, CH=min(cfg.chunk, BOUNDARY_CHUNK),
         CHW=min(cfg.chunk, BOUNDARY_WALK_CHUNK), GATED=scan,

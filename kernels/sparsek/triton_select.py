@@ -153,8 +153,12 @@ def sparsek_boundary_fwd_kernel(
     tau = -inf where the base has at most K members. GATED: the thresholds are solved only
     for rows whose flag is set (the rows the scan of ``triton_select_scan`` gave back).
     """
-    i_b = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    # One program per (row, boundary), every row's boundary 0 first, then every row's
+    # boundary 1, ...: the early boundaries walk the most of the sort (their bases are
+    # short), so they start first and the short walks fill in behind them.
+    bh = tl.num_programs(0) // NBND
+    i_b = tl.program_id(0) // bh
+    i_bh = tl.program_id(0) % bh
     row = i_bh.to(tl.int64) * S
     P = tl.minimum(i_b * BM - W, S - 1)
     n_base = tl.maximum(P + 1, 0)
