@@ -140,8 +140,9 @@ def _move_cursor(z_ptr, sp_ptr, row, c, cnt, acc, t, P, S, STRICT: tl.constexpr,
 @triton.jit
 def sparsek_boundary_fwd_kernel(
     z_ptr, sp_ptr, g_ptr, bf_ptr, bi_ptr, flag_ptr,
-    S, NBND, K, W, MAXIT,
+    S, NBND, K, W, MAXIT, STRIDE,
     BM: tl.constexpr, CH: tl.constexpr, CHW: tl.constexpr, GATED: tl.constexpr,
+    REDO: tl.constexpr = False,
 ):
     """Causal block boundaries: top-K list and exact threshold of each prefix base.
 
@@ -151,7 +152,10 @@ def sparsek_boundary_fwd_kernel(
     n = #{base: tau < z < tau + 1}, D = sum over that middle set of (z - tau),
     c1 = #{all: z > tau} and c2 = #{all: z >= tau + 1} (cursors into the sort).
     tau = -inf where the base has at most K members. GATED: the thresholds are solved only
-    for rows whose flag is set (the rows the scan of ``triton_select_scan`` gave back).
+    for rows whose flag is set (the rows the scan of ``triton_select_scan`` gave back) and
+    at every STRIDE-th boundary (where a chunk of the scan starts). REDO: only the rows
+    whose flag is set are written at all, lists and every threshold; the other programs
+    do nothing (their lists and chunk starts were written by an earlier launch).
     """
     # One program per (row, boundary), every row's boundary 0 first, then every row's
     # boundary 1, ...: the early boundaries walk the most of the sort (their bases are
@@ -163,6 +167,10 @@ def sparsek_boundary_fwd_kernel(
     P = tl.minimum(i_b * BM - W, S - 1)
     n_base = tl.maximum(P + 1, 0)
     n_g = tl.minimum(n_base, K)
+    work = n_g >= 0
+    if REDO:
+        work = tl.load(flag_ptr + i_bh) != 0
+        n_g = tl.where(work, n_g, 0)
     p_g = g_ptr + (i_bh.to(tl.int64) * NBND + i_b) * K
     o_ch = tl.arange(0, CHW)
     # Walk the sort from the top, compacting base members into the list. The walk also
@@ -195,18 +203,18 @@ def sparsek_boundary_fwd_kernel(
     c2 = cnt * 0
     solve = n_base > K
     if GATED:
-        solve = solve & (tl.load(flag_ptr + i_bh) != 0)
+        solve = solve & work & ((tl.load(flag_ptr + i_bh) != 0) | (i_b % STRIDE == 0))
     if solve:
         tau, d_mid, a, n, c1, c2 = _boundary_threshold(z_ptr, sp_ptr, row, z_k, r_k, s_k, P,
                                                        S, K, MAXIT, CH, CHW)
     p_f = bf_ptr + (i_bh.to(tl.int64) * NBND + i_b) * 2
     p_i = bi_ptr + (i_bh.to(tl.int64) * NBND + i_b) * 4
-    tl.store(p_f, tau)
-    tl.store(p_f + 1, d_mid)
-    tl.store(p_i, a)
-    tl.store(p_i + 1, n)
-    tl.store(p_i + 2, c1)
-    tl.store(p_i + 3, c2)
+    tl.store(p_f, tau, mask=work)
+    tl.store(p_f + 1, d_mid, mask=work)
+    tl.store(p_i, a, mask=work)
+    tl.store(p_i + 1, n, mask=work)
+    tl.store(p_i + 2, c1, mask=work)
+    tl.store(p_i + 3, c2, mask=work)
 
 
 @triton.jit

@@ -167,17 +167,17 @@ def _walk_pieces(bm, o_w, z_ptr, row, tau, t_ref, n_sat, n_mid, d_mid, b_lo, rb,
 
 @triton.jit
 def sparsek_scan_start_kernel(
-    u_ptr, sp_ptr, rank_ptr, st_i_ptr, st_f_ptr, st_d_ptr, S, K, W, MAXIT,
+    u_ptr, sp_ptr, rank_ptr, st_i_ptr, st_f_ptr, st_d_ptr, S, K, W, MAXIT, C,
     BM: tl.constexpr, KP: tl.constexpr,
 ):
     """The scan's state at its first query with more than K candidates (i = K + W, whose
     candidates are positions 0..K), one row a program: the first threshold, solved over
     those K + 1 scores in registers, and the piece of f there.
 
-    Writes st_i [BH, 8] (rk, sel, A, M, rank of the lowest alive, rank of the lowest
-    saturated, position of the K-th best), st_f [BH, 4] (tau, lowest alive score, lowest
-    saturated score) and st_d [BH] (D). KP: a power of two above K. Kept apart from the
-    scan so that the scan's registers hold only its walk.
+    Writes chunk 0's record of st_i [BH, C, 8] (rk, sel, A, M, rank of the lowest alive,
+    rank of the lowest saturated, position of the K-th best), st_f [BH, C, 4] (tau, lowest
+    alive score, lowest saturated score) and st_d [BH, C] (D). KP: a power of two above K.
+    Kept apart from the scan so that the scan's registers hold only its walk.
     """
     i_bh = tl.program_id(0)
     row = i_bh.to(tl.int64) * S
@@ -197,7 +197,7 @@ def sparsek_scan_start_kernel(
     tau = _alive_threshold(a_z, valid, z_k - 1.0, z_k, K, MAXIT)
     n_sat, n_mid, d_mid, b_lo, rb, s_lo, rs = _piece_at(a_z, a_r, valid, tau)
     p_k = tl.load(sp_ptr + row + rk, mask=rk >= 0, other=0)
-    p_i = st_i_ptr + i_bh * 8
+    p_i = st_i_ptr + i_bh * C * 8
     tl.store(p_i, rk)
     tl.store(p_i + 1, sel)
     tl.store(p_i + 2, n_sat)
@@ -205,32 +205,107 @@ def sparsek_scan_start_kernel(
     tl.store(p_i + 4, rb)
     tl.store(p_i + 5, rs)
     tl.store(p_i + 6, p_k)
-    p_f = st_f_ptr + i_bh * 4
+    p_f = st_f_ptr + i_bh * C * 4
     tl.store(p_f, tau)
     tl.store(p_f + 1, b_lo)
     tl.store(p_f + 2, s_lo)
-    tl.store(st_d_ptr + i_bh, d_mid)
+    tl.store(st_d_ptr + i_bh * C, d_mid)
+
+
+@triton.jit
+def sparsek_scan_resume_kernel(
+    z_ptr, sp_ptr, rank_ptr, g_ptr, bf_ptr, bi_ptr, st_i_ptr, st_f_ptr, st_d_ptr, bmw_ptr,
+    S, NBND, K, W, STRIDE,
+    BM: tl.constexpr, NW: tl.constexpr, NWC: tl.constexpr,
+):
+    """The scan's state where its chunk c >= 1 starts, one (row, chunk) a program.
+
+    Chunk c starts at block b0 = c * STRIDE, whose base ``[0, P]`` (P = b0 * BM - W) has
+    more than K members; its first query's candidates are that base. The boundary kernel
+    solved its threshold tau and counted the sort's scores above it (c1) and wrote its
+    list, whose last entry is the K-th best. The alive scores are the base members among
+    the sort's first c1 ranks: their bitmap goes to bmw [BH, C, NW] and the piece of f at
+    tau to chunk c's records (as ``sparsek_scan_start_kernel`` writes chunk 0's), with
+    sel = 0 (no extras at a block's first query).
+    """
+    i_bh = tl.program_id(0)
+    c = tl.program_id(1) + 1
+    C = tl.num_programs(1) + 1
+    row = i_bh.to(tl.int64) * S
+    b0 = c * STRIDE
+    P = b0 * BM - W
+    p_bnd = i_bh.to(tl.int64) * NBND + b0
+    tau = tl.load(bf_ptr + p_bnd * 2)
+    c1 = tl.load(bi_ptr + p_bnd * 4 + 2)
+    p_k = tl.load(g_ptr + p_bnd * K + K - 1)
+    rk = tl.load(rank_ptr + row + p_k)
+    o_w = tl.arange(0, NWC)
+    o_b = tl.arange(0, 32)
+    zero = (c1 * 0).to(tl.int32)
+    n_sat = zero
+    n_mid = zero
+    rb = zero - 1
+    rs = zero - 1
+    d_mid = zero.to(tl.float64)
+    p_rec = i_bh.to(tl.int64) * C + c
+    for w0 in range(0, NW, NWC):
+        r = (w0 + o_w)[:, None] * 32 + o_b[None, :]
+        m_r = (r < c1) & (r < S)
+        b_z = tl.load(z_ptr + row + r, mask=m_r, other=float("-inf"))
+        b_p = tl.load(sp_ptr + row + r, mask=m_r, other=S)
+        alive = m_r & (b_p <= P)
+        sat = alive & (b_z - 1.0 >= tau)
+        mid = alive & (sat == 0)
+        n_sat += tl.sum(tl.sum(sat.to(tl.int32), axis=1), axis=0)
+        n_mid += tl.sum(tl.sum(mid.to(tl.int32), axis=1), axis=0)
+        d = tl.where(mid, b_z.to(tl.float64) - tau.to(tl.float64), 0.0)
+        d_mid += tl.sum(tl.sum(d, axis=1), axis=0)
+        rb = tl.maximum(rb, tl.max(tl.max(tl.where(alive, r, -1), axis=1), axis=0))
+        rs = tl.maximum(rs, tl.max(tl.max(tl.where(sat, r, -1), axis=1), axis=0))
+        bits = tl.full([NWC, 32], 1, tl.uint32) << (31 - o_b[None, :]).to(tl.uint32)
+        words = tl.sum(tl.where(alive, bits, tl.zeros_like(bits)), axis=1)  # distinct bits
+        tl.store(bmw_ptr + p_rec * NW + w0 + o_w, words.to(tl.int32, bitcast=True))
+    b_lo = tl.load(z_ptr + row + rb, mask=rb >= 0, other=float("inf"))
+    s_lo = tl.load(z_ptr + row + rs, mask=rs >= 0, other=float("inf"))
+    p_i = st_i_ptr + p_rec * 8
+    tl.store(p_i, rk)
+    tl.store(p_i + 1, zero)
+    tl.store(p_i + 2, n_sat)
+    tl.store(p_i + 3, n_mid)
+    tl.store(p_i + 4, rb)
+    tl.store(p_i + 5, rs)
+    tl.store(p_i + 6, p_k)
+    p_f = st_f_ptr + p_rec * 4
+    tl.store(p_f, tau)
+    tl.store(p_f + 1, b_lo)
+    tl.store(p_f + 2, s_lo)
+    tl.store(st_d_ptr + p_rec, d_mid)
 
 
 @triton.jit
 def sparsek_causal_scan_kernel(
     u_ptr, z_ptr, sp_ptr, rank_ptr, tau_ptr, rk_ptr, cnt_ptr, flag_ptr,
-    st_i_ptr, st_f_ptr, st_d_ptr, S, K, W, MAXENDS,
+    st_i_ptr, st_f_ptr, st_d_ptr, bmw_ptr, S, K, W, MAXENDS, STRIDE,
     BM: tl.constexpr, NW: tl.constexpr, CH: tl.constexpr,
 ):
-    """tau, rk and cnt [BH, S] of every query of one row; flag [BH] = 1 if a walk crossed
-    MAXENDS piece ends (the row's outputs are then not to be used).
+    """tau, rk and cnt [BH, S] of every query of one row; flag [BH] (zero before) set to 1 if a
+    walk crossed MAXENDS piece ends (the row's outputs are then not to be used).
 
     Query i (block b = i // BM, base ``[0, P]`` with P = b * BM - W) selects the top K of
     ``[0, i - W]``: ``rk`` is the global rank of the K-th of them and ``cnt`` how many come
     from the block's list, i.e. K less the selected extras ``(P, i - W]``. A query with at
     most K candidates keeps them all: tau = -inf, rk = S, cnt = the list's length.
 
-    The state at the first query with more than K candidates comes from
-    ``sparsek_scan_start_kernel``. NW: a power of two of at least S / 32 (the bitmap's
-    words).
+    A row is walked in C chunks of STRIDE blocks each (grid [BH, C]), so that more
+    programs share an SM. Chunk 0 starts at the row's start, and takes the state at its
+    first query with more than K candidates from ``sparsek_scan_start_kernel``; chunk c >= 1
+    starts from the state ``sparsek_scan_resume_kernel`` wrote for its first query. NW: a
+    power of two of at least S / 32 (the bitmap's words).
     """
     i_bh = tl.program_id(0)
+    ch = tl.program_id(1)
+    C = tl.num_programs(1)
+    p_rec = i_bh.to(tl.int64) * C + ch
     row = i_bh.to(tl.int64) * S
     o_w = tl.arange(0, NW)
     o_ch = tl.arange(0, CH)
@@ -252,16 +327,40 @@ def sparsek_causal_scan_kernel(
     rs = izero
     p_k = izero  # the position of the K-th best (global rank rk)
     n_w = tl.minimum(W, S)
+    n_pos = S - n_w
+    p_begin = izero
+    p_end = tl.where(ch == C - 1, n_pos, tl.minimum((ch + 1) * STRIDE * BM - W, n_pos))
+    if ch > 0:  # resume at the chunk's first query, P0 + W
+        p_begin = ch * STRIDE * BM - W
+        p_i = st_i_ptr + p_rec * 8
+        p_f = st_f_ptr + p_rec * 4
+        rk = tl.load(p_i)
+        n_sat = tl.load(p_i + 2)
+        n_mid = tl.load(p_i + 3)
+        rb = tl.load(p_i + 4)
+        rs = tl.load(p_i + 5)
+        p_k = tl.load(p_i + 6)
+        tau = tl.load(p_f)
+        b_lo = tl.load(p_f + 1)
+        s_lo = tl.load(p_f + 2)
+        d_mid = tl.load(st_d_ptr + p_rec)
+        t_ref = tau
+        bm = tl.load(bmw_ptr + p_rec * NW + o_w).to(tl.uint32, bitcast=True)
+        q = p_begin + W  # its candidates are the base: all K selected from the list
+        tl.store(tau_ptr + row + q, tau)
+        tl.store(rk_ptr + row + q, rk)
+        tl.store(cnt_ptr + row + q, K)
+        p_begin += 1
+        n_w = izero
     for q0 in range(0, n_w, CH):  # queries with no candidate at all
         q = q0 + o_ch
         m_q = q < n_w
         tl.store(tau_ptr + row + q, tl.zeros([CH], tl.float32) + float("-inf"), mask=m_q)
         tl.store(rk_ptr + row + q, tl.zeros([CH], tl.int32) + S, mask=m_q)
         tl.store(cnt_ptr + row + q, tl.zeros([CH], tl.int32), mask=m_q)
-    n_pos = S - n_w
-    for c0 in range(0, n_pos, CH):  # position p = c0 + k is the last candidate of i = p + W
+    for c0 in range(p_begin, p_end, CH):  # position p = c0 + k: last candidate of i = p + W
         p_c = c0 + o_ch
-        m_c = p_c < n_pos
+        m_c = p_c < p_end
         u_c = tl.load(u_ptr + row + p_c, mask=m_c, other=0.0)
         # Events: a position whose score may be alive (tau only rises, so a score at or
         # below the current tau never is again) or whose query starts a block (sel starts
@@ -284,8 +383,8 @@ def sparsek_causal_scan_kernel(
             if (n <= K + 1) | (u_p > tau):  # the new score is alive
                 bm = _set_rank(bm, o_w, r_p)
                 if n == K + 1:  # the first query with more than K candidates
-                    p_i = st_i_ptr + i_bh * 8
-                    p_f = st_f_ptr + i_bh * 4
+                    p_i = st_i_ptr + p_rec * 8
+                    p_f = st_f_ptr + p_rec * 4
                     rk = tl.load(p_i)
                     sel = tl.load(p_i + 1)
                     n_sat = tl.load(p_i + 2)
@@ -296,7 +395,7 @@ def sparsek_causal_scan_kernel(
                     tau = tl.load(p_f)
                     b_lo = tl.load(p_f + 1)
                     s_lo = tl.load(p_f + 2)
-                    d_mid = tl.load(st_d_ptr + i_bh)
+                    d_mid = tl.load(st_d_ptr + p_rec)
                     t_ref = tau
                 elif n > K + 1:
                     if r_p < rk:  # it enters the top K and the K-th best leaves
@@ -326,4 +425,4 @@ def sparsek_causal_scan_kernel(
         tl.store(tau_ptr + row + q, o_tau, mask=m_c)
         tl.store(rk_ptr + row + q, o_rk, mask=m_c)
         tl.store(cnt_ptr + row + q, o_cnt, mask=m_c)
-    tl.store(flag_ptr + i_bh, over)
+    tl.store(flag_ptr + i_bh, over, mask=over != 0)  # chunks only raise it (zeroed before)

@@ -150,16 +150,18 @@ SCORE_PATTERNS = {
 }
 
 
-def _check_selection(u: torch.Tensor, K: int, W: int, causal: bool) -> None:
-    """select() on scores u [B, 1, S] (blocks of 64) gives exactly the mask's selected
+def _check_selection(u: torch.Tensor, K: int, W: int, causal: bool, block_m: int = 64) -> None:
+    """select() on scores u [B, 1, S] (blocks of block_m) gives exactly the mask's selected
     sets, and its thresholds within float32 rounding of the float64 ones."""
     from sparsek.triton_fwd import ForwardConfig, select
 
     S = u.shape[-1]
-    cfg = ForwardConfig(block_m=64, heads=1, block_n=16, chunk=16, num_warps=4, num_stages=1)
+    cfg = ForwardConfig(block_m=block_m, heads=1, block_n=16, chunk=16, num_warps=4,
+                        num_stages=1)
     sel = select(u, K, W, causal, cfg)
     mask = sparsek_mask(u, kv_budget=K, window=W, causal=causal)
-    assert torch.equal(_selected(sel, S, K, W, causal, 64), mask.selected.reshape(-1, S, S))
+    assert torch.equal(_selected(sel, S, K, W, causal, block_m),
+                       mask.selected.reshape(-1, S, S))
     want = mask.tau.reshape(-1, S)
     kept_all = torch.isneginf(want)
     assert torch.equal(torch.isneginf(sel.tau), kept_all)
@@ -169,7 +171,7 @@ def _check_selection(u: torch.Tensor, K: int, W: int, causal: bool) -> None:
 
 # Causal selection runs two ways: the per-row scan, or (scan off) the per-query
 # kernels that also redo any row the scan gives back.
-PATHS = [(False, "per-block"), (True, "scan"), (True, "per-query")]
+PATHS = [(False, "per-block"), (True, "scan"), (True, "scan in chunks"), (True, "per-query")]
 
 
 @pytest.mark.parametrize(("causal", "path"), PATHS)
@@ -179,6 +181,11 @@ def test_selection_matches_the_mask(seed, monkeypatch, pattern, causal, path):
 
     if path == "per-query":
         monkeypatch.setattr(triton_fwd, "SCAN_MAX_BUDGET", -1)
+    if path == "scan in chunks":  # blocks of 16, so that 100 positions make 3 chunks
+        monkeypatch.setattr(triton_fwd, "SCAN_CHUNKS", 3)
+        u = SCORE_PATTERNS[pattern](torch.Generator().manual_seed(seed), 100).contiguous()
+        _check_selection(u, 9, 4, causal, block_m=16)
+        return
     u = SCORE_PATTERNS[pattern](torch.Generator().manual_seed(seed), 100).contiguous()
     _check_selection(u, 9, 4, causal)
 
@@ -246,14 +253,16 @@ def _scan_flags(u, K, W, max_ends):
     z, sp, rank = triton_fwd._sort(scores)
     tau, rk, cnt = triton_fwd._per_query(scores)
     flag = torch.zeros(rows, dtype=torch.int32)
-    st_i = torch.empty((rows, 8), dtype=torch.int32)
-    st_f = torch.empty((rows, 4), dtype=torch.float32)
-    st_d = torch.empty(rows, dtype=torch.float64)
-    sparsek_scan_start_kernel[(rows,)](scores, sp, rank, st_i, st_f, st_d, S, K, W, 100,
+    nw = triton.next_power_of_2(triton.cdiv(S, 32))
+    st_i = torch.empty((rows, 1, 8), dtype=torch.int32)
+    st_f = torch.empty((rows, 1, 4), dtype=torch.float32)
+    st_d = torch.empty((rows, 1), dtype=torch.float64)
+    bmw = torch.empty((rows, 1, nw), dtype=torch.int32)
+    sparsek_scan_start_kernel[(rows,)](scores, sp, rank, st_i, st_f, st_d, S, K, W, 100, 1,
                                        BM=64, KP=triton.next_power_of_2(K + 1))
-    sparsek_causal_scan_kernel[(rows,)](
-        scores, z, sp, rank, tau, rk, cnt, flag, st_i, st_f, st_d, S, K, W, max_ends, BM=64,
-        NW=triton.next_power_of_2(triton.cdiv(S, 32)), CH=32)
+    sparsek_causal_scan_kernel[(rows, 1)](
+        scores, z, sp, rank, tau, rk, cnt, flag, st_i, st_f, st_d, bmw, S, K, W, max_ends, S,
+        BM=64, NW=nw, CH=32)
     return flag.tolist()
 
 
