@@ -168,15 +168,23 @@ def test_a_busy_host_is_refused_and_a_stale_lock_can_be_cleared(hosts, write_env
     assert stored_bundles(workdir / "results") == {(run_id_of(cleared.stdout), "alpha")}
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_asks_whether_to_cancel_the_remote_job(hosts, write_env, write_job, workdir,
                                                       wheels_dir) -> None:
     alpha = hosts["alpha"]
     write_env(alpha)
     job = write_job("interrupted", ["alpha"], seconds_per_case=3.0)
+    # Ctrl-C as a terminal sends it: with SIGINT at its default, whatever the test run
+    # inherited (a shell ignores SIGINT in the background jobs it starts, and Python then
+    # installs no KeyboardInterrupt handler at all).
     proc = subprocess.Popen(
         [sys.executable, "-m", "sparsek_remote", "run", str(job), "--wheels", str(wheels_dir),
          "--no-report"], cwd=workdir, env=cli_env(), stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_default_sigint)
     runs = alpha.remote_path / "runs"
 
     def job_started() -> bool:
