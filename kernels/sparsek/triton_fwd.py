@@ -84,7 +84,7 @@ NONCAUSAL_WARPS = 4
 # misses the first wave doubles the kernel's time: "auto" caps its registers so that
 # every row is resident at once (scan_register_cap). Measured on the H100, gpt4-4k's 1536
 # one-warp rows with the slot-based scan of that time: 5.27 ms uncapped (8 per SM), 4.35
-# ms at 168 (12 per SM), 5.66 at 176. The bitmap scan compiles to 77 registers for sm_90,
+# ms at 168 (12 per SM), 5.66 at 176. The bitmap scan compiles to 88 registers for sm_90,
 # so the cap no longer binds there; it stays as the guard for larger compilations.
 SCAN_MAX_REGISTERS: int | str | None = "auto"
 SCAN_MIN_REGISTERS = 128  # below this the spills cost more than the wave saves

@@ -166,6 +166,38 @@ def _walk_pieces(bm, o_w, z_ptr, row, tau, t_ref, n_sat, n_mid, d_mid, b_lo, rb,
 
 
 @triton.jit
+def _store_state(st_i_ptr, st_f_ptr, st_d_ptr, p_rec, rk, sel, n_sat, n_mid, rb, rs, p_k,
+                 tau, b_lo, s_lo, d_mid):
+    """Write one (row, chunk) record of the scan's state: st_i [.., 8] (rk, sel, A, M,
+    rank of the lowest alive, rank of the lowest saturated, position of the K-th best),
+    st_f [.., 4] (tau, lowest alive score, lowest saturated score), st_d (D)."""
+    p_i = st_i_ptr + p_rec * 8
+    tl.store(p_i, rk)
+    tl.store(p_i + 1, sel)
+    tl.store(p_i + 2, n_sat)
+    tl.store(p_i + 3, n_mid)
+    tl.store(p_i + 4, rb)
+    tl.store(p_i + 5, rs)
+    tl.store(p_i + 6, p_k)
+    p_f = st_f_ptr + p_rec * 4
+    tl.store(p_f, tau)
+    tl.store(p_f + 1, b_lo)
+    tl.store(p_f + 2, s_lo)
+    tl.store(st_d_ptr + p_rec, d_mid)
+
+
+@triton.jit
+def _load_state(st_i_ptr, st_f_ptr, st_d_ptr, p_rec):
+    """The record ``_store_state`` wrote -> (rk, sel, A, M, rb, rs, p_k, tau, b_lo, s_lo,
+    D)."""
+    p_i = st_i_ptr + p_rec * 8
+    p_f = st_f_ptr + p_rec * 4
+    return (tl.load(p_i), tl.load(p_i + 1), tl.load(p_i + 2), tl.load(p_i + 3),
+            tl.load(p_i + 4), tl.load(p_i + 5), tl.load(p_i + 6), tl.load(p_f),
+            tl.load(p_f + 1), tl.load(p_f + 2), tl.load(st_d_ptr + p_rec))
+
+
+@triton.jit
 def sparsek_scan_start_kernel(
     u_ptr, sp_ptr, rank_ptr, st_i_ptr, st_f_ptr, st_d_ptr, S, K, W, MAXIT, C,
     BM: tl.constexpr, KP: tl.constexpr,
@@ -174,10 +206,9 @@ def sparsek_scan_start_kernel(
     candidates are positions 0..K), one row a program: the first threshold, solved over
     those K + 1 scores in registers, and the piece of f there.
 
-    Writes chunk 0's record of st_i [BH, C, 8] (rk, sel, A, M, rank of the lowest alive,
-    rank of the lowest saturated, position of the K-th best), st_f [BH, C, 4] (tau, lowest
-    alive score, lowest saturated score) and st_d [BH, C] (D). KP: a power of two above K.
-    Kept apart from the scan so that the scan's registers hold only its walk.
+    Writes chunk 0's record (see ``_store_state``) of st_i [BH, C, 8], st_f [BH, C, 4] and
+    st_d [BH, C]. KP: a power of two above K. Kept apart from the scan so that the scan's
+    registers hold only its walk.
     """
     i_bh = tl.program_id(0)
     row = i_bh.to(tl.int64) * S
@@ -197,19 +228,8 @@ def sparsek_scan_start_kernel(
     tau = _alive_threshold(a_z, valid, z_k - 1.0, z_k, K, MAXIT)
     n_sat, n_mid, d_mid, b_lo, rb, s_lo, rs = _piece_at(a_z, a_r, valid, tau)
     p_k = tl.load(sp_ptr + row + rk, mask=rk >= 0, other=0)
-    p_i = st_i_ptr + i_bh * C * 8
-    tl.store(p_i, rk)
-    tl.store(p_i + 1, sel)
-    tl.store(p_i + 2, n_sat)
-    tl.store(p_i + 3, n_mid)
-    tl.store(p_i + 4, rb)
-    tl.store(p_i + 5, rs)
-    tl.store(p_i + 6, p_k)
-    p_f = st_f_ptr + i_bh * C * 4
-    tl.store(p_f, tau)
-    tl.store(p_f + 1, b_lo)
-    tl.store(p_f + 2, s_lo)
-    tl.store(st_d_ptr + i_bh * C, d_mid)
+    _store_state(st_i_ptr, st_f_ptr, st_d_ptr, i_bh.to(tl.int64) * C, rk, sel, n_sat, n_mid,
+                 rb, rs, p_k, tau, b_lo, s_lo, d_mid)
 
 
 @triton.jit
@@ -267,19 +287,8 @@ def sparsek_scan_resume_kernel(
         tl.store(bmw_ptr + p_rec * NW + w0 + o_w, words.to(tl.int32, bitcast=True))
     b_lo = tl.load(z_ptr + row + rb, mask=rb >= 0, other=float("inf"))
     s_lo = tl.load(z_ptr + row + rs, mask=rs >= 0, other=float("inf"))
-    p_i = st_i_ptr + p_rec * 8
-    tl.store(p_i, rk)
-    tl.store(p_i + 1, zero)
-    tl.store(p_i + 2, n_sat)
-    tl.store(p_i + 3, n_mid)
-    tl.store(p_i + 4, rb)
-    tl.store(p_i + 5, rs)
-    tl.store(p_i + 6, p_k)
-    p_f = st_f_ptr + p_rec * 4
-    tl.store(p_f, tau)
-    tl.store(p_f + 1, b_lo)
-    tl.store(p_f + 2, s_lo)
-    tl.store(st_d_ptr + p_rec, d_mid)
+    _store_state(st_i_ptr, st_f_ptr, st_d_ptr, p_rec, rk, zero, n_sat, n_mid, rb, rs, p_k, tau,
+                 b_lo, s_lo, d_mid)
 
 
 @triton.jit
@@ -332,18 +341,8 @@ def sparsek_causal_scan_kernel(
     p_end = tl.where(ch == C - 1, n_pos, tl.minimum((ch + 1) * STRIDE * BM - W, n_pos))
     if ch > 0:  # resume at the chunk's first query, P0 + W
         p_begin = ch * STRIDE * BM - W
-        p_i = st_i_ptr + p_rec * 8
-        p_f = st_f_ptr + p_rec * 4
-        rk = tl.load(p_i)
-        n_sat = tl.load(p_i + 2)
-        n_mid = tl.load(p_i + 3)
-        rb = tl.load(p_i + 4)
-        rs = tl.load(p_i + 5)
-        p_k = tl.load(p_i + 6)
-        tau = tl.load(p_f)
-        b_lo = tl.load(p_f + 1)
-        s_lo = tl.load(p_f + 2)
-        d_mid = tl.load(st_d_ptr + p_rec)
+        rk, sel, n_sat, n_mid, rb, rs, p_k, tau, b_lo, s_lo, d_mid = _load_state(
+            st_i_ptr, st_f_ptr, st_d_ptr, p_rec)
         t_ref = tau
         bm = tl.load(bmw_ptr + p_rec * NW + o_w).to(tl.uint32, bitcast=True)
         q = p_begin + W  # its candidates are the base: all K selected from the list
@@ -383,19 +382,8 @@ def sparsek_causal_scan_kernel(
             if (n <= K + 1) | (u_p > tau):  # the new score is alive
                 bm = _set_rank(bm, o_w, r_p)
                 if n == K + 1:  # the first query with more than K candidates
-                    p_i = st_i_ptr + p_rec * 8
-                    p_f = st_f_ptr + p_rec * 4
-                    rk = tl.load(p_i)
-                    sel = tl.load(p_i + 1)
-                    n_sat = tl.load(p_i + 2)
-                    n_mid = tl.load(p_i + 3)
-                    rb = tl.load(p_i + 4)
-                    rs = tl.load(p_i + 5)
-                    p_k = tl.load(p_i + 6)
-                    tau = tl.load(p_f)
-                    b_lo = tl.load(p_f + 1)
-                    s_lo = tl.load(p_f + 2)
-                    d_mid = tl.load(st_d_ptr + p_rec)
+                    rk, sel, n_sat, n_mid, rb, rs, p_k, tau, b_lo, s_lo, d_mid = _load_state(
+                        st_i_ptr, st_f_ptr, st_d_ptr, p_rec)
                     t_ref = tau
                 elif n > K + 1:
                     if r_p < rk:  # it enters the top K and the K-th best leaves
