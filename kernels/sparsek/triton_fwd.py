@@ -61,10 +61,10 @@ SLOTS = 32
 # redo.
 SCAN_MAX_BUDGET = 1023
 SCAN_MAX_ENDS = 100
-# The scan walks each row in order, one program per row: it pays where there are enough
-# rows to fill the GPU (measured: faster than the per-query kernels from 128 rows of 4096,
-# slower at 32). SCAN_MAX_LEN is a guard, not a measurement: a row of 65536 would be one
-# serial chain 16x longer than any row timed so far.
+# The scan walks each row in order (in a few chunks, below): it pays where there are
+# enough rows to fill the GPU (measured with one program a row: faster than the per-query
+# kernels from 128 rows of 4096, slower at 32). SCAN_MAX_LEN is a guard, not a
+# measurement: a row of 65536 would be a serial chain 16x longer than any row timed.
 SCAN_MIN_ROWS = 128
 SCAN_MAX_LEN = 16384
 # The scan's chunks a row (None: enough for about SCAN_PROGRAMS_PER_SM programs an SM, at
@@ -237,6 +237,34 @@ def _scan_serves(bh: int, seq_len: int, budget: int, on_gpu: bool) -> bool:
     return fits and bh >= SCAN_MIN_ROWS and seq_len <= SCAN_MAX_LEN
 
 
+def scan_rows(scores, z, sp, rank, tau, rk, cnt, flag, budget, window, block_m, chunks,
+              stride, sms, boundary_tables=None) -> None:
+    """The causal scan of every row of scores [BH, S] into tau, rk and cnt, raising flag
+    for the rows it gives up on. With chunks > 1, chunk c starts at block c * stride, from
+    the boundary kernel's (lists, bf, bi) there."""
+    bh, seq_len = scores.shape
+    dev = scores.device
+    warps = SCAN_WARPS or (1 if bh >= 512 else 4)
+    regs = scan_register_cap(bh * chunks, warps, sms) if dev.type == "cuda" else None
+    nw = triton.next_power_of_2(triton.cdiv(seq_len, 32))
+    st_i = torch.empty((bh, chunks, 8), dtype=torch.int32, device=dev)
+    st_f = torch.empty((bh, chunks, 4), dtype=torch.float32, device=dev)
+    st_d = torch.empty((bh, chunks), dtype=torch.float64, device=dev)
+    bmw = torch.empty((bh, chunks, nw), dtype=torch.int32, device=dev)
+    sparsek_scan_start_kernel[(bh,)](
+        scores, sp, rank, st_i, st_f, st_d, seq_len, budget, window, MAX_NEWTON, chunks,
+        BM=block_m, KP=triton.next_power_of_2(budget + 1), num_warps=warps)
+    if chunks > 1:
+        lists, bf, bi = boundary_tables
+        sparsek_scan_resume_kernel[(bh, chunks - 1)](
+            z, sp, rank, lists, bf, bi, st_i, st_f, st_d, bmw, seq_len, bf.shape[1], budget,
+            window, stride, BM=block_m, NW=nw, NWC=min(nw, 128), num_warps=4)
+    sparsek_causal_scan_kernel[(bh, chunks)](
+        scores, z, sp, rank, tau, rk, cnt, flag, st_i, st_f, st_d, bmw, seq_len, budget,
+        window, SCAN_MAX_ENDS, stride, BM=block_m, NW=nw, CH=32, num_warps=warps,
+        **_cap(regs))
+
+
 def _select_causal(scores, z, sp, rank, budget, window, cfg) -> Selection:
     bh, seq_len = scores.shape
     nblk = triton.cdiv(seq_len, cfg.block_m)
@@ -263,29 +291,14 @@ def _select_causal(scores, z, sp, rank, budget, window, cfg) -> Selection:
         boundaries(flag, 1)
     else:
         # The scan walks each row in chunks that start at boundaries the boundary kernel
-        # solves first (with every list); rows the scan then flags are redone whole.
-        on_gpu = dev.type == "cuda"
-        sms = torch.cuda.get_device_properties(dev).multi_processor_count if on_gpu else 1
+        # solves first (with every list; no row is flagged yet); rows the scan then flags
+        # are redone whole.
+        sms = (torch.cuda.get_device_properties(dev).multi_processor_count
+               if dev.type == "cuda" else 1)  # the interpreter: as many chunks as fit
         chunks, stride = scan_chunks(bh, nblk, budget, window, cfg.block_m, sms)
-        boundaries(torch.zeros_like(flag), stride)
-        warps = SCAN_WARPS or (1 if bh >= 512 else 4)
-        regs = scan_register_cap(bh * chunks, warps, sms) if on_gpu else None
-        nw = triton.next_power_of_2(triton.cdiv(seq_len, 32))
-        st_i = torch.empty((bh, chunks, 8), dtype=torch.int32, device=dev)
-        st_f = torch.empty((bh, chunks, 4), dtype=torch.float32, device=dev)
-        st_d = torch.empty((bh, chunks), dtype=torch.float64, device=dev)
-        bmw = torch.empty((bh, chunks, nw), dtype=torch.int32, device=dev)
-        sparsek_scan_start_kernel[(bh,)](
-            scores, sp, rank, st_i, st_f, st_d, seq_len, budget, window, MAX_NEWTON, chunks,
-            BM=cfg.block_m, KP=triton.next_power_of_2(budget + 1), num_warps=warps)
-        if chunks > 1:
-            sparsek_scan_resume_kernel[(bh, chunks - 1)](
-                z, sp, rank, lists, bf, bi, st_i, st_f, st_d, bmw, seq_len, nbnd, budget,
-                window, stride, BM=cfg.block_m, NW=nw, NWC=min(nw, 128), num_warps=4)
-        sparsek_causal_scan_kernel[(bh, chunks)](
-            scores, z, sp, rank, tau, rk, cnt, flag, st_i, st_f, st_d, bmw, seq_len, budget,
-            window, SCAN_MAX_ENDS, stride, BM=cfg.block_m, NW=nw, CH=32, num_warps=warps,
-            **_cap(regs))
+        boundaries(flag, stride)
+        scan_rows(scores, z, sp, rank, tau, rk, cnt, flag, budget, window, cfg.block_m,
+                  chunks, stride, sms, (lists, bf, bi))
         boundaries(flag, stride, redo=True)
     sub = min(cfg.block_m, SELECT_ROWS)
     groups = nblk * (cfg.block_m // sub)

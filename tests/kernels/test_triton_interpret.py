@@ -179,15 +179,14 @@ PATHS = [(False, "per-block"), (True, "scan"), (True, "scan in chunks"), (True, 
 def test_selection_matches_the_mask(seed, monkeypatch, pattern, causal, path):
     from sparsek import triton_fwd
 
+    block_m = 64
     if path == "per-query":
         monkeypatch.setattr(triton_fwd, "SCAN_MAX_BUDGET", -1)
     if path == "scan in chunks":  # blocks of 16, so that 100 positions make 3 chunks
         monkeypatch.setattr(triton_fwd, "SCAN_CHUNKS", 3)
-        u = SCORE_PATTERNS[pattern](torch.Generator().manual_seed(seed), 100).contiguous()
-        _check_selection(u, 9, 4, causal, block_m=16)
-        return
+        block_m = 16
     u = SCORE_PATTERNS[pattern](torch.Generator().manual_seed(seed), 100).contiguous()
-    _check_selection(u, 9, 4, causal)
+    _check_selection(u, 9, 4, causal, block_m)
 
 
 @pytest.mark.parametrize("pattern", ["randn", "ties"])
@@ -242,27 +241,17 @@ def test_causal_selection_when_bending_extras_overflow_the_slots(seed, monkeypat
     _check_selection(u, 20, 8, True)
 
 
-def _scan_flags(u, K, W, max_ends):
-    import triton
-
+def _scan_flags(u, K, W, max_ends, monkeypatch):
+    """The scan's flags for rows u [rows, 1, S] (one chunk a row, blocks of 64)."""
     from sparsek import triton_fwd
-    from sparsek.triton_select_scan import sparsek_causal_scan_kernel, sparsek_scan_start_kernel
 
+    monkeypatch.setattr(triton_fwd, "SCAN_MAX_ENDS", max_ends)
     scores = u.reshape(u.shape[0], -1).contiguous()
-    rows, S = scores.shape
     z, sp, rank = triton_fwd._sort(scores)
     tau, rk, cnt = triton_fwd._per_query(scores)
-    flag = torch.zeros(rows, dtype=torch.int32)
-    nw = triton.next_power_of_2(triton.cdiv(S, 32))
-    st_i = torch.empty((rows, 1, 8), dtype=torch.int32)
-    st_f = torch.empty((rows, 1, 4), dtype=torch.float32)
-    st_d = torch.empty((rows, 1), dtype=torch.float64)
-    bmw = torch.empty((rows, 1, nw), dtype=torch.int32)
-    sparsek_scan_start_kernel[(rows,)](scores, sp, rank, st_i, st_f, st_d, S, K, W, 100, 1,
-                                       BM=64, KP=triton.next_power_of_2(K + 1))
-    sparsek_causal_scan_kernel[(rows, 1)](
-        scores, z, sp, rank, tau, rk, cnt, flag, st_i, st_f, st_d, bmw, S, K, W, max_ends, S,
-        BM=64, NW=nw, CH=32)
+    flag = torch.zeros(scores.shape[0], dtype=torch.int32)
+    triton_fwd.scan_rows(scores, z, sp, rank, tau, rk, cnt, flag, K, W, 64, 1,
+                         scores.shape[1], 1)
     return flag.tolist()
 
 
@@ -271,17 +260,14 @@ def test_the_scan_holds_rows_of_ties_and_redoes_rows_it_gives_up_on(seed, monkey
     # all sit within 1 of tau (constant, three levels) are its own, like a random row.
     # A row it gives up on (more piece ends crossed for one new score than allowed) is
     # flagged and redone by the per-query kernels: the selection is the mask's either way.
-    from sparsek import triton_fwd
-
     S, K, W = 257, 7, 4
     gen = torch.Generator().manual_seed(seed)
     u = torch.stack([torch.randn(S, generator=gen), torch.full((S,), 0.3),
                      torch.randint(0, 3, (S,), generator=gen).float()]).reshape(3, 1, S)
-    assert _scan_flags(u, K, W, 100) == [0, 0, 0]
+    assert _scan_flags(u, K, W, 100, monkeypatch) == [0, 0, 0]
     _check_selection(u, K, W, True)
     # One end a new score: a random row soon needs two (the one it drops, then the root).
-    assert _scan_flags(u, K, W, 1)[0] == 1
-    monkeypatch.setattr(triton_fwd, "SCAN_MAX_ENDS", 1)
+    assert _scan_flags(u, K, W, 1, monkeypatch)[0] == 1  # and SCAN_MAX_ENDS stays 1
     _check_selection(u, K, W, True)
 
 
