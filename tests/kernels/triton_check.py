@@ -1,7 +1,8 @@
 """The correctness bar of the fused Triton forward, shared by the interpreter tests (CPU)
 and the GPU tests: NaN-poisoned outputs, error against the float64 reference under the
 dtype's tolerance and within twice the low-precision reference's own error, exact empty
-rows (o = 0, lse = -inf), and lse close to the reference's."""
+rows (o = 0, lse = -inf), and lse close to the reference's (absolute up to magnitude 1,
+relative beyond)."""
 
 from __future__ import annotations
 
@@ -44,5 +45,7 @@ def check_against_reference(x, dtype, **kw):
     assert torch.equal(torch.isneginf(lse), empty)
     assert (o[empty] == 0).all()
     if (~empty).any():
-        lse_err = float((lse.double() - want_lse)[~empty].abs().max())
-        assert lse_err < LSE_TOLERANCE[dtype], f"lse error {lse_err:.3e}"
+        # Relative beyond magnitude 1: a float32 lse near 200 is good to its ulp, 1.5e-5.
+        diff = (lse.double() - want_lse)[~empty].abs()
+        lse_err = float((diff / want_lse[~empty].abs().clamp(min=1.0)).max())
+        assert lse_err < LSE_TOLERANCE[dtype], f"lse error {lse_err:.3e} (relative beyond 1)"
