@@ -8,7 +8,7 @@ after a warm-up; prints one row per (shape, path, warps, register cap).
 Usage: python kernels/benchmarks/bench_select.py [--cases gpt4-4k,long-64k]
        [--paths scan,per-query] [--warps 4] [--regs scan=none,scan=168,boundary=80]
        [--boundary 4x1024,1x128x512] [--block-warps 4,1] [--select-rows 16,32]
-       [--reps 20]
+       [--prefix 0,auto,8192] [--reps 20]
 --regs: variants to time, each one kernel's cap on registers per thread (scan, noncausal,
 boundary or block), the others left as the forward sets them; none is the compiler's
 choice, auto (the scan only) the forward's rule.
@@ -45,7 +45,7 @@ CAPS = {"scan": "SCAN_MAX_REGISTERS", "noncausal": "NONCAUSAL_MAX_REGISTERS",
 # The forward's module settings a variant may change; each variant starts from their values.
 KNOBS = ("SCAN_MAX_BUDGET", "SCAN_MAX_ENDS", "SCAN_MIN_ROWS", "SCAN_WARPS", "NONCAUSAL_WARPS",
          "BOUNDARY_WARPS", "BOUNDARY_CHUNK", "BOUNDARY_WALK_CHUNK", "BLOCK_CAUSAL_WARPS",
-         "SELECT_ROWS", *CAPS.values())
+         "SELECT_ROWS", "PREFIX_LEN", *CAPS.values())
 
 
 def _set_variant(base: dict, causal: bool, path: str, warps: str,
@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="warps of the causal per-query kernel to try, comma-separated")
     parser.add_argument("--select-rows", default="",
                         help="queries per causal per-query program to try, comma-separated")
+    parser.add_argument("--prefix", default="",
+                        help="entries of the causal boundary kernel's prefix table to try, "
+                             "comma-separated (0: none, auto: the forward's rule)")
     parser.add_argument("--reps", type=int, default=20)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -130,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     bounds = [_boundary(item) for item in args.boundary.split(",") if item] or [None]
     blocks = [int(n) for n in args.block_warps.split(",") if n] or [None]
     rows = [int(n) for n in args.select_rows.split(",") if n] or [None]
+    prefixes = [n for n in args.prefix.split(",") if n] or [None]
     base = {attr: getattr(triton_fwd, attr) for attr in KNOBS}
     try:
         for name in args.cases.split(","):
@@ -143,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             for path in args.paths.split(","):
                 for warps in (args.warps.split(",") if path == "scan" or not causal
                               else ["-"]):
-                    for cap, bound, block, sub in itertools.product(caps, bounds, blocks,
-                                                                    rows):
+                    for cap, bound, block, sub, pre in itertools.product(
+                            caps, bounds, blocks, rows, prefixes):
                         _set_variant(base, causal, path, warps, cap)
                         if bound is not None:
                             (triton_fwd.BOUNDARY_WARPS, triton_fwd.BOUNDARY_CHUNK,
@@ -153,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                             triton_fwd.BLOCK_CAUSAL_WARPS = block
                         if sub is not None:
                             triton_fwd.SELECT_ROWS = sub
+                        if pre is not None:
+                            triton_fwd.PREFIX_LEN = None if pre == "auto" else int(pre)
                         got = triton_fwd.select(u, budget, window, causal, cfg)
                         same = (torch.equal(got.rk, want.rk) and torch.equal(got.cnt, want.cnt)
                                 and float((got.tau - want.tau).nan_to_num(0.0, 0.0, 0.0)
@@ -165,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                             label += f" q{block}"
                         if sub is not None:
                             label += f" r{sub}"
+                        if pre is not None:
+                            label += f" p{pre}"
                         print(f"{name:10} {path:10} {warps:>5} {label:>14} {ms:10.3f} "
                               f"{str(same):>18}", flush=True)
     finally:

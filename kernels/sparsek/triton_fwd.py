@@ -23,6 +23,8 @@ from sparsek.triton_attn import sparsek_attn_fwd_kernel, sparsek_attn_fwd_tuned
 from sparsek.triton_select import (
     sparsek_block_causal_fwd_kernel,
     sparsek_boundary_fwd_kernel,
+    sparsek_prefix_count_kernel,
+    sparsek_prefix_table_kernel,
     sparsek_sort_ranks_kernel,
 )
 from sparsek.triton_select_noncausal import (
@@ -112,6 +114,13 @@ BOUNDARY_CHUNK = 128
 # Ranks a step of the boundary kernel's long walks: its list, and its second cursor's
 # first descent from the top of the sort.
 BOUNDARY_WALK_CHUNK = 256  # long-64k's selection: 128 ranks 2.49 ms, 256: 2.39, 512: 2.47
+# Causal boundaries whose base has at most NL members walk a prefix table (the sort's
+# entries at positions below NL, in rank order) instead of the whole sort. None: NL from
+# the rule in prefix_len; 0: no table. Measured on the H100 (selection replayed from a
+# CUDA graph, outputs equal bit for bit): long-64k 1.78 ms without, 1.57 / 1.49 / 1.44 at
+# NL = 4096 / 8192 / 16384 (the rule's); gpt4-4k 1.91 without, 1.84 / 1.81 / 1.83 at
+# 512 / 1024 (the rule's) / 2048.
+PREFIX_LEN: int | None = None
 # Warps per causal per-query program (SELECT_ROWS queries), capped at 96 registers. One
 # warp needs no barrier in its reductions; measured on the H100 (bench_select
 # --block-warps, 16 queries a program), long-64k's selection: 4 warps 3.22 ms, 2: 3.59,
@@ -265,6 +274,33 @@ def scan_rows(scores, z, sp, rank, tau, rk, cnt, flag, budget, window, block_m, 
         **_cap(regs))
 
 
+def prefix_len(seq_len: int, budget: int) -> int:
+    """Entries of the causal boundary kernel's prefix table (0: none): PREFIX_LEN, or for
+    None the power of two at or above sqrt(S * K), where it is at most half the row. A
+    base of n <= NL members walks at most NL table entries, a longer one about S * K / n
+    ranks of the sort, so the longest walk, max(NL, S * K / NL), is least there."""
+    n_l = PREFIX_LEN
+    if n_l is None:
+        n_l = triton.next_power_of_2(max(math.isqrt(seq_len * budget), 1))
+    return n_l if 0 < n_l <= seq_len // 2 else 0
+
+
+def prefix_table(sp: torch.Tensor, n_l: int) -> torch.Tensor:
+    """The causal boundary kernel's prefix table of the sort sp [BH, S] (positions by
+    rank): the ranks of positions 0 .. n_l - 1 in ascending order, [BH, n_l] int32. Two
+    passes over sp: each block of ranks counts its entries, then writes them at the sum of
+    the counts before it."""
+    bh, seq_len = sp.shape
+    block = 1024
+    grid = (triton.cdiv(seq_len, block), bh)
+    counts = torch.empty((bh, grid[0]), dtype=torch.int32, device=sp.device)
+    sparsek_prefix_count_kernel[grid](sp, counts, seq_len, n_l, BLOCK=block)
+    offsets = (torch.cumsum(counts, dim=1, dtype=torch.int32) - counts).contiguous()
+    table = torch.empty((bh, n_l), dtype=torch.int32, device=sp.device)
+    sparsek_prefix_table_kernel[grid](sp, offsets, table, seq_len, n_l, BLOCK=block)
+    return table
+
+
 def _select_causal(scores, z, sp, rank, budget, window, cfg) -> Selection:
     bh, seq_len = scores.shape
     nblk = triton.cdiv(seq_len, cfg.block_m)
@@ -279,9 +315,14 @@ def _select_causal(scores, z, sp, rank, budget, window, cfg) -> Selection:
     scan = _scan_serves(bh, seq_len, budget, scores.is_cuda)
     flag = torch.zeros(bh, dtype=torch.int32, device=dev)
 
+    # No table: the kernel walks the sort for every base (NL = 0; sp stands in for it).
+    n_l = prefix_len(seq_len, budget)
+    table = prefix_table(sp, n_l) if n_l else sp[:, :0]
+
     def boundaries(flags, stride, redo=False):
         sparsek_boundary_fwd_kernel[(nbnd * bh,)](
-            z, sp, lists, bf, bi, flags, seq_len, nbnd, budget, window, MAX_NEWTON, stride,
+            z, sp, table, lists, bf, bi, flags, seq_len, table.shape[1], nbnd,
+            budget, window, MAX_NEWTON, stride,
             BM=cfg.block_m, CH=min(cfg.chunk, BOUNDARY_CHUNK),
             CHW=min(cfg.chunk, BOUNDARY_WALK_CHUNK), GATED=scan, REDO=redo,
             num_warps=BOUNDARY_WARPS,

@@ -44,6 +44,32 @@ def sparsek_sort_ranks_kernel(order_ptr, sp_ptr, rank_ptr, S, BLOCK: tl.constexp
 
 
 @triton.jit
+def sparsek_prefix_count_kernel(sp_ptr, cnt_ptr, S, NL, BLOCK: tl.constexpr):
+    """How many of one BLOCK of a row's sort ranks hold a position below NL, into
+    cnt [BH, cdiv(S, BLOCK)]: the first pass of the prefix table (see below)."""
+    i_bh = tl.program_id(1)
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    pos = tl.load(sp_ptr + i_bh.to(tl.int64) * S + r, mask=r < S, other=NL)
+    tl.store(cnt_ptr + i_bh * tl.num_programs(0) + tl.program_id(0),
+             tl.sum((pos < NL).to(tl.int32), axis=0))
+
+
+@triton.jit
+def sparsek_prefix_table_kernel(sp_ptr, off_ptr, lr_ptr, S, NL, BLOCK: tl.constexpr):
+    """A row's prefix table for the causal boundary kernel, one BLOCK of its sort ranks a
+    program: the ranks whose position is below NL, in ascending order, into lr [BH, NL].
+    off [BH, cdiv(S, BLOCK)] holds how many such ranks precede each block (the exclusive
+    sum of sparsek_prefix_count_kernel's counts)."""
+    i_bh = tl.program_id(1)
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    pos = tl.load(sp_ptr + i_bh.to(tl.int64) * S + r, mask=r < S, other=NL)
+    keep = pos < NL
+    idx = tl.load(off_ptr + i_bh * tl.num_programs(0) + tl.program_id(0))
+    idx += tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    tl.store(lr_ptr + i_bh.to(tl.int64) * NL + idx, r, mask=keep)
+
+
+@triton.jit
 def _ulps(lo, hi):
     """About two float32 ulps at the bracket's scale: narrower brackets are resolved."""
     return tl.maximum(tl.maximum(tl.abs(lo), tl.abs(hi)) * 2.4e-7, 1e-30)
@@ -94,18 +120,31 @@ def _newton_advance(t, f, n_sat, n_mid, prev_sat, prev_mid, newton, lo, hi, it, 
 
 
 @triton.jit
-def _move_cursor(z_ptr, sp_ptr, row, c, cnt, acc, t, P, S, STRICT: tl.constexpr,
-                 CH: tl.constexpr):
-    """Move cursor c so that ranks < c are exactly those with z > t (STRICT) or z >= t,
-    keeping the count and float64 sum of base members (position <= P) among them."""
+def _walked(sp_ptr, lr_ptr, row, l_row, o, m_in, use_l):
+    """(sort ranks, positions) of entries o of a walk's source: the row's sort itself (entry
+    o is rank o), or with use_l its prefix table (the ranks of the positions below NL, in
+    ascending order; see sparsek_boundary_fwd_kernel)."""
+    if use_l:  # noqa: SIM108 (a runtime branch, kept as the statement Triton compiles)
+        b_r = tl.load(lr_ptr + l_row + o, mask=m_in, other=0)
+    else:
+        b_r = o
+    return b_r, tl.load(sp_ptr + row + b_r, mask=m_in, other=0)
+
+
+@triton.jit
+def _move_cursor(z_ptr, sp_ptr, lr_ptr, row, l_row, use_l, n_src, c, cnt, acc, t, P,
+                 STRICT: tl.constexpr, CH: tl.constexpr):
+    """Move cursor c (an entry of the walked source, n_src entries: see _walked) so that
+    the entries before it are exactly those with z > t (STRICT) or z >= t, keeping the count
+    and float64 sum of base members (position <= P) among them."""
     o_ch = tl.arange(0, CH)
     go = c >= 0
     moved = c < 0
-    while go:  # forward: take ranks that now satisfy the condition
+    while go:  # forward: take entries that now satisfy the condition
         o = c + o_ch
-        m_in = o < S
-        b_z = tl.load(z_ptr + row + o, mask=m_in, other=float("-inf"))
-        b_p = tl.load(sp_ptr + row + o, mask=m_in, other=0)
+        m_in = o < n_src
+        b_r, b_p = _walked(sp_ptr, lr_ptr, row, l_row, o, m_in, use_l)
+        b_z = tl.load(z_ptr + row + b_r, mask=m_in, other=float("-inf"))
         if STRICT:  # noqa: SIM108 (a constexpr branch; Triton compiles one side)
             m_take = m_in & (b_z > t)
         else:
@@ -119,11 +158,11 @@ def _move_cursor(z_ptr, sp_ptr, row, c, cnt, acc, t, P, S, STRICT: tl.constexpr,
         go = n_take == CH
     # A cursor that moved forward already satisfies the condition below it.
     go = (c > 0) & (moved == 0)
-    while go:  # backward: drop ranks that no longer satisfy it
+    while go:  # backward: drop entries that no longer satisfy it
         o = c - CH + o_ch
         m_in = o >= 0
-        b_z = tl.load(z_ptr + row + o, mask=m_in, other=float("inf"))
-        b_p = tl.load(sp_ptr + row + o, mask=m_in, other=0)
+        b_r, b_p = _walked(sp_ptr, lr_ptr, row, l_row, o, m_in, use_l)
+        b_z = tl.load(z_ptr + row + b_r, mask=m_in, other=float("inf"))
         if STRICT:  # noqa: SIM108 (a constexpr branch; Triton compiles one side)
             m_drop = m_in & (b_z <= t)
         else:
@@ -138,9 +177,33 @@ def _move_cursor(z_ptr, sp_ptr, row, c, cnt, acc, t, P, S, STRICT: tl.constexpr,
 
 
 @triton.jit
+def _sort_cursor(z_ptr, lr_ptr, row, l_row, c, NL, S, t, STRICT: tl.constexpr,
+                 CH: tl.constexpr):
+    """The cursor into the row's sort (#{z > t}, or #{z >= t}) for cursor c into its prefix
+    table: it lies between the ranks of table entries c - 1 (taken) and c (not taken), a
+    few ranks apart (S / NL on average), and is found by stepping over them."""
+    lo = tl.where(c > 0, tl.load(lr_ptr + l_row + tl.maximum(c - 1, 0)) + 1, 0)
+    hi = tl.where(c < NL, tl.load(lr_ptr + l_row + tl.minimum(c, NL - 1)), S)
+    o_ch = tl.arange(0, CH)
+    go = lo < hi
+    while go:
+        o = lo + o_ch
+        m_in = o < hi
+        b_z = tl.load(z_ptr + row + o, mask=m_in, other=float("-inf"))
+        if STRICT:  # noqa: SIM108 (a constexpr branch; Triton compiles one side)
+            m_take = m_in & (b_z > t)
+        else:
+            m_take = m_in & (b_z >= t)
+        n_take = tl.sum(m_take.to(tl.int32), axis=0)
+        lo += n_take
+        go = (n_take == CH) & (lo < hi)
+    return lo
+
+
+@triton.jit
 def sparsek_boundary_fwd_kernel(
-    z_ptr, sp_ptr, g_ptr, bf_ptr, bi_ptr, flag_ptr,
-    S, NBND, K, W, MAXIT, STRIDE,
+    z_ptr, sp_ptr, lr_ptr, g_ptr, bf_ptr, bi_ptr, flag_ptr,
+    S, NL, NBND, K, W, MAXIT, STRIDE,
     BM: tl.constexpr, CH: tl.constexpr, CHW: tl.constexpr, GATED: tl.constexpr,
     REDO: tl.constexpr = False,
 ):
@@ -156,26 +219,37 @@ def sparsek_boundary_fwd_kernel(
     at every STRIDE-th boundary (where a chunk of the scan starts). REDO: only the rows
     whose flag is set are written at all, lists and every threshold; the other programs
     do nothing (their lists and chunk starts were written by an earlier launch).
+
+    lr [BH, NL]: the row's prefix table, the sort ranks of positions 0 .. NL - 1 in
+    ascending order (NL = 0: none). A base of at most NL members lies
+    in it, so its boundary walks the table instead of the sort: its members are spread
+    over the whole sort (finding K of them there takes about S * K / |base| ranks), but
+    make up a share |base| / NL of the table.
     """
     # One program per (row, boundary), every row's boundary 0 first, then every row's
-    # boundary 1, ...: the early boundaries walk the most of the sort (their bases are
-    # short), so they start first and the short walks fill in behind them.
+    # boundary 1, ...: the early boundaries walk the most (their bases are short), so they
+    # start first and the short walks fill in behind them.
     bh = tl.num_programs(0) // NBND
     i_b = tl.program_id(0) // bh
     i_bh = tl.program_id(0) % bh
     row = i_bh.to(tl.int64) * S
+    l_row = i_bh.to(tl.int64) * NL
     P = tl.minimum(i_b * BM - W, S - 1)
     n_base = tl.maximum(P + 1, 0)
     n_g = tl.minimum(n_base, K)
+    use_l = n_base <= NL
+    n_src = tl.where(use_l, NL, S)
     work = n_g >= 0
     if REDO:
         work = tl.load(flag_ptr + i_bh) != 0
         n_g = tl.where(work, n_g, 0)
     p_g = g_ptr + (i_bh.to(tl.int64) * NBND + i_b) * K
     o_ch = tl.arange(0, CHW)
-    # Walk the sort from the top, compacting base members into the list. The walk also
-    # keeps the rank of the K-th member and the float64 sum of the K - 1 before it: the
-    # threshold's first cursor starts there instead of walking the same ranks again.
+    # Walk the source from the top, compacting base members into the list. The walk also
+    # keeps the entry of the K-th member and the float64 sum of the K - 1 before it: the
+    # threshold's first cursor starts there instead of walking the same entries again.
+    # Scores are read only as the threshold's inputs; a shorter base keeps every member.
+    n_z = tl.where(n_base > K, n_src, 0)
     cnt = n_g * 0
     r0 = n_g * 0
     r_k = n_g * 0
@@ -183,9 +257,9 @@ def sparsek_boundary_fwd_kernel(
     s_k = z_k.to(tl.float64)
     while cnt < n_g:
         o = r0 + o_ch
-        m_in = o < S
-        b_z = tl.load(z_ptr + row + o, mask=m_in, other=float("-inf"))
-        b_p = tl.load(sp_ptr + row + o, mask=m_in, other=S)
+        m_in = o < n_src
+        b_r, b_p = _walked(sp_ptr, lr_ptr, row, l_row, o, m_in, use_l)
+        b_z = tl.load(z_ptr + row + b_r, mask=o < n_z, other=float("-inf"))
         m_base = m_in & (b_p <= P)
         idx = cnt + tl.cumsum(m_base.to(tl.int32), axis=0) - 1
         tl.store(p_g + idx, b_p, mask=m_base & (idx < n_g))
@@ -205,8 +279,13 @@ def sparsek_boundary_fwd_kernel(
     if GATED:
         solve = solve & work & ((tl.load(flag_ptr + i_bh) != 0) | (i_b % STRIDE == 0))
     if solve:
-        tau, d_mid, a, n, c1, c2 = _boundary_threshold(z_ptr, sp_ptr, row, z_k, r_k, s_k, P,
-                                                       S, K, MAXIT, CH, CHW)
+        tau, d_mid, a, n, c1, c2 = _boundary_threshold(
+            z_ptr, sp_ptr, lr_ptr, row, l_row, use_l, n_src, z_k, r_k, s_k, P, K,
+            MAXIT, CH, CHW)
+        if use_l:  # the cursors stored are the sort's
+            c1 = _sort_cursor(z_ptr, lr_ptr, row, l_row, c1, NL, S, tau, True, CH)
+            c2 = _sort_cursor(z_ptr, lr_ptr, row, l_row, c2, NL, S, tau + 1.0, False,
+                                CH)
     p_f = bf_ptr + (i_bh.to(tl.int64) * NBND + i_b) * 2
     p_i = bi_ptr + (i_bh.to(tl.int64) * NBND + i_b) * 4
     tl.store(p_f, tau, mask=work)
@@ -218,28 +297,31 @@ def sparsek_boundary_fwd_kernel(
 
 
 @triton.jit
-def _boundary_threshold(z_ptr, sp_ptr, row, z_k, r_k, s_k, P, S, K, MAXIT,
-                        CH: tl.constexpr, CHW: tl.constexpr):
-    """Exact tau of the base [0, P] (more than K members, the K-th best score z_k at rank
-    r_k, the K - 1 before it summing to s_k)."""
+def _boundary_threshold(z_ptr, sp_ptr, lr_ptr, row, l_row, use_l, n_src, z_k, r_k,
+                        s_k, P, K, MAXIT, CH: tl.constexpr, CHW: tl.constexpr):
+    """Exact tau of the base [0, P] (more than K members, the K-th best score z_k at entry
+    r_k of the walked source, the K - 1 before it summing to s_k). The cursors returned are
+    entries of that source."""
     t = z_k
     lo, hi = _outward(z_k - 1.0, z_k)
     zero = (P * 0).to(tl.int32)
-    # Cursor 1 (z > t) starts at the K-th member: the ranks above it hold exactly the K - 1
-    # members before it. Its first move (t = z_k) steps back over any ties with z_k.
+    # Cursor 1 (z > t) starts at the K-th member: the entries above it hold exactly the
+    # K - 1 members before it. Its first move (t = z_k) steps back over any ties with z_k.
     c1, n1, s1 = r_k, zero + K - 1, s_k
     # Cursor 2 (z >= t + 1) walks down from the top once, in the list walk's long steps;
     # the Newton steps then move both cursors a little, in short ones.
-    c2, n2, s2 = _move_cursor(z_ptr, sp_ptr, row, zero, zero, zero.to(tl.float64), t + 1.0,
-                              P, S, False, CHW)
+    c2, n2, s2 = _move_cursor(z_ptr, sp_ptr, lr_ptr, row, l_row, use_l, n_src, zero,
+                              zero, zero.to(tl.float64), t + 1.0, P, False, CHW)
     prev_a, prev_n = zero - 1, zero - 1
     newton = zero != 0
     it = zero
     go = zero == 0
     d_mid = z_k * 0
     while go:
-        c1, n1, s1 = _move_cursor(z_ptr, sp_ptr, row, c1, n1, s1, t, P, S, True, CH)
-        c2, n2, s2 = _move_cursor(z_ptr, sp_ptr, row, c2, n2, s2, t + 1.0, P, S, False, CH)
+        c1, n1, s1 = _move_cursor(z_ptr, sp_ptr, lr_ptr, row, l_row, use_l, n_src,
+                                  c1, n1, s1, t, P, True, CH)
+        c2, n2, s2 = _move_cursor(z_ptr, sp_ptr, lr_ptr, row, l_row, use_l, n_src,
+                                  c2, n2, s2, t + 1.0, P, False, CH)
         n = n1 - n2
         d = (s1 - s2) - n.to(tl.float64) * t.to(tl.float64)
         f = n2.to(tl.float64) + d

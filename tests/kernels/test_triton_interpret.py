@@ -189,6 +189,33 @@ def test_selection_matches_the_mask(seed, monkeypatch, pattern, causal, path):
     _check_selection(u, 9, 4, causal, block_m)
 
 
+@pytest.mark.parametrize("pattern", ["ties", "wide", "constant", "decreasing"])
+def test_causal_boundaries_select_the_same_from_the_prefix_table(seed, monkeypatch, pattern):
+    # A boundary whose base is short walks the prefix table (the sort's entries at
+    # positions below NL) instead of the whole sort: the same members in the same order,
+    # so the same lists and thresholds, bit for bit, whatever the table's length.
+    from sparsek import triton_fwd
+
+    monkeypatch.setattr(triton_fwd, "SCAN_MAX_BUDGET", -1)  # every boundary is solved
+    u = SCORE_PATTERNS[pattern](torch.Generator().manual_seed(seed), 257).contiguous()
+    K, W, block_m = 9, 4, 16
+    cfg = triton_fwd.ForwardConfig(block_m=block_m, heads=1, block_n=16, chunk=16,
+                                   num_warps=4, num_stages=1)
+    n_list = (torch.arange(-(-257 // block_m) + 1) * block_m - W + 1).clamp(0, K)
+    written = torch.arange(K)[None, :] < n_list[:, None]  # entries each list holds
+    runs = {}
+    for n_l in (0, None, 16, 128):
+        monkeypatch.setattr(triton_fwd, "PREFIX_LEN", n_l)
+        runs[n_l] = triton_fwd.select(u, K, W, True, cfg)
+    monkeypatch.setattr(triton_fwd, "PREFIX_LEN", None)
+    assert triton_fwd.prefix_len(257, K) == 64  # the rule: sqrt(S * K), up to a power of 2
+    want = runs.pop(0)
+    for n_l, got in runs.items():
+        for name in ("tau", "rk", "cnt"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), (n_l, name)
+        assert torch.equal(got.lists[:, written], want.lists[:, written]), n_l
+
+
 @pytest.mark.parametrize("pattern", ["randn", "ties"])
 def test_noncausal_window_half_the_row_keeps_the_threshold_exact(seed, pattern):
     # W = S / 2 leaves a middle query a handful of candidates: its equation is the whole
