@@ -221,10 +221,10 @@ def sparsek_boundary_fwd_kernel(
     do nothing (their lists and chunk starts were written by an earlier launch).
 
     lr [BH, NL]: the row's prefix table, the sort ranks of positions 0 .. NL - 1 in
-    ascending order (NL = 0: none). A base of at most NL members lies
-    in it, so its boundary walks the table instead of the sort: its members are spread
-    over the whole sort (finding K of them there takes about S * K / |base| ranks), but
-    make up a share |base| / NL of the table.
+    ascending order (NL = 0: none). A base of at most NL members lies in it, so its
+    boundary walks the table instead of the sort: its members are spread over the whole
+    sort (finding K of them there takes about S * K / |base| ranks), but make up a share
+    |base| / NL of the table.
     """
     # One program per (row, boundary), every row's boundary 0 first, then every row's
     # boundary 1, ...: the early boundaries walk the most (their bases are short), so they
@@ -283,9 +283,9 @@ def sparsek_boundary_fwd_kernel(
             z_ptr, sp_ptr, lr_ptr, row, l_row, use_l, n_src, z_k, r_k, s_k, P, K,
             MAXIT, CH, CHW)
         if use_l:  # the cursors stored are the sort's
+            t1 = tau + 1.0
             c1 = _sort_cursor(z_ptr, lr_ptr, row, l_row, c1, NL, S, tau, True, CH)
-            c2 = _sort_cursor(z_ptr, lr_ptr, row, l_row, c2, NL, S, tau + 1.0, False,
-                                CH)
+            c2 = _sort_cursor(z_ptr, lr_ptr, row, l_row, c2, NL, S, t1, False, CH)
     p_f = bf_ptr + (i_bh.to(tl.int64) * NBND + i_b) * 2
     p_i = bi_ptr + (i_bh.to(tl.int64) * NBND + i_b) * 4
     tl.store(p_f, tau, mask=work)
