@@ -3,7 +3,8 @@
 For each query block (``--blocks``: queries x GQA heads per program; the forward's
 default when not given) the selection is made once; then the current kernel, and with
 ``--baseline FILE`` the kernel of another copy of ``triton_attn.py`` (an A/B of a kernel
-change on the same card in one run), run on it with each tile (keys per step x warps x
+change on the same card in one run; the copy must take the current arguments), run on
+it with each tile (keys per step x warps x
 pipeline stages, and optionally a cap on registers per thread, ``maxnreg``, so that more
 programs fit on an SM). ``--gluon`` adds the Hopper kernel of ``gluon_attn.py`` with
 each of its tiles (keys per step x shared-memory slots, and optionally the register
@@ -108,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             computed = flops * _computed_keys(S, K, W, causal, block_m)
             for kname, kernel, tile in runs:
                 o = torch.full_like(q, float("nan"))
-                grid, a, fixed = triton_fwd.attention_launch(q, k, v, sel, W, causal,
-                                                             D ** -0.5, cfg, o, lse)
+                launches, a, fixed = triton_fwd.attention_launch(q, k, v, sel, W, causal,
+                                                                 D ** -0.5, cfg, o, lse)
                 if kname == "gluon":
                     bn, stages, *cap = tile
                     fixed = gluon_attn.kernel_args(fixed)
@@ -121,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                     run_kw = dict(BN=bn, num_warps=warps, num_stages=stages,
                                   **({"maxnreg": cap[0]} if cap else {}))
 
-                def run(kernel=kernel, grid=grid, a=a, fixed=fixed, run_kw=run_kw):
-                    return kernel[grid](*a, **fixed, **run_kw)
+                def run(kernel=kernel, launches=launches, a=a, fixed=fixed, run_kw=run_kw):
+                    return triton_fwd.run_attention(kernel, launches, a, fixed, **run_kw)
 
                 tile = "x".join(str(n) for n in (bn, warps, stages, *cap))
                 label = f"{name:9} {block_m}x{heads:<3} {kname:8} {tile:<8}"

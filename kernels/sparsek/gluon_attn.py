@@ -158,7 +158,7 @@ def _fold_tile(t, s, m_i, l_i, u_smem, r_smem, q_pos, tau, rk, cnt, n_all, n_lis
 def sparsek_attn_fwd_gluon(
     q_ptr, k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, tau_ptr, rk_ptr, cnt_ptr, o_ptr, lse_ptr,
     S, Hq, Hkv, NBG, K, W, qk_scale,
-    CAUSAL: gl.constexpr, BM: gl.constexpr, HG: gl.constexpr, BN: gl.constexpr,
+    ROW0: gl.constexpr, CAUSAL: gl.constexpr, BM: gl.constexpr, HG: gl.constexpr, BN: gl.constexpr,
     D: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
 ):
     """o [B, Hq, S, D] and lse [B, Hq, S] for one block of queries; arguments as in
@@ -178,7 +178,7 @@ def sparsek_attn_fwd_gluon(
                                               rank=2)
 
     i_blk = gl.program_id(0)
-    i_bh = gl.program_id(1)
+    i_bh = ROW0 + gl.program_id(1)
     i_hg = gl.program_id(2)
     i_b = i_bh // Hkv
     i_kv = i_bh % Hkv

@@ -68,19 +68,21 @@ def _tile(b_q, k_base, v_base, pos, o_d, mask, D: tl.constexpr, PREC: tl.constex
 def sparsek_attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, tau_ptr, rk_ptr, cnt_ptr, o_ptr, lse_ptr,
     S, Hq, Hkv, NBG, K, W, qk_scale,
-    CAUSAL: tl.constexpr, BM: tl.constexpr, HG: tl.constexpr, BN: tl.constexpr,
+    ROW0: tl.constexpr, CAUSAL: tl.constexpr, BM: tl.constexpr, HG: tl.constexpr, BN: tl.constexpr,
     D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """o [B, Hq, S, D] and lse [B, Hq, S] (natural log) for one block of queries.
 
     g [B * Hkv, NBG, K] holds each block's list; tau, rk, cnt [B * Hkv, S] the per-query
-    selection; qk_scale = scale * log2(e). PREC is the dot precision: "ieee" for float32
+    selection; qk_scale = scale * log2(e). The grid is (blocks, rows, head groups), rows
+    from ROW0 (see triton_fwd.attention_launch; a constant, so the usual launch from row 0
+    compiles to the code without it). PREC is the dot precision: "ieee" for float32
     inputs (checked to 1e-5, which tf32 would not meet), else unused; UPCAST is set only
     under the CPU interpreter, whose bf16 dot is wrong.
     """
     M: tl.constexpr = HG * BM
     i_blk = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    i_bh = ROW0 + tl.program_id(1)
     i_hg = tl.program_id(2)
     i_b = i_bh // Hkv
     i_kv = i_bh % Hkv

@@ -114,6 +114,11 @@ BOUNDARY_CHUNK = 128
 # Ranks a step of the boundary kernel's long walks: its list, and its second cursor's
 # first descent from the top of the sort.
 BOUNDARY_WALK_CHUNK = 256  # long-64k's selection: 128 ranks 2.49 ms, 256: 2.39, 512: 2.47
+# The attention's grid is (blocks, rows, head groups); a CUDA grid's second dimension holds
+# at most 65535 programs, so more (batch, kv head) rows take several launches. (The
+# selection kernels run their rows in the first dimension instead, blocks fastest: the
+# attention kernels measured 5-10% slower on long-64k with that grid.)
+ROWS_PER_LAUNCH = 65535
 # Causal boundaries whose base has at most NL members walk a prefix table (the sort's
 # entries at positions below NL, in rank order) instead of the whole sort. None: NL from
 # the rule in prefix_len; 0: no table. Measured on the H100 (selection replayed from a
@@ -233,7 +238,7 @@ def _sort(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     bh, seq_len = scores.shape
     sp = torch.empty((bh, seq_len), dtype=torch.int32, device=scores.device)
     rank = torch.empty_like(sp)
-    sparsek_sort_ranks_kernel[(triton.cdiv(seq_len, 1024), bh)](order, sp, rank, seq_len,
+    sparsek_sort_ranks_kernel[(triton.cdiv(seq_len, 1024) * bh,)](order, sp, rank, seq_len,
                                                                  BLOCK=1024)
     return z.contiguous(), sp, rank
 
@@ -292,8 +297,9 @@ def prefix_table(sp: torch.Tensor, n_l: int) -> torch.Tensor:
     the counts before it."""
     bh, seq_len = sp.shape
     block = 1024
-    grid = (triton.cdiv(seq_len, block), bh)
-    counts = torch.empty((bh, grid[0]), dtype=torch.int32, device=sp.device)
+    n_blk = triton.cdiv(seq_len, block)
+    grid = (n_blk * bh,)
+    counts = torch.empty((bh, n_blk), dtype=torch.int32, device=sp.device)
     sparsek_prefix_count_kernel[grid](sp, counts, seq_len, n_l, BLOCK=block)
     offsets = (torch.cumsum(counts, dim=1, dtype=torch.int32) - counts).contiguous()
     table = torch.empty((bh, n_l), dtype=torch.int32, device=sp.device)
@@ -345,9 +351,9 @@ def _select_causal(scores, z, sp, rank, budget, window, cfg) -> Selection:
     groups = nblk * (cfg.block_m // sub)
     if scan:  # only the flagged rows are solved, by a few programs each
         groups = min(groups, GATED_PROGRAMS)
-    sparsek_block_causal_fwd_kernel[(groups, bh)](
+    sparsek_block_causal_fwd_kernel[(groups * bh,)](
         z, sp, rank, scores, lists, bf, bi, tau, rk, cnt, flag, seq_len, nbnd, budget,
-        window, MAX_NEWTON, BM=cfg.block_m, BQ=sub, NS=SLOTS, CHX=64,
+        window, MAX_NEWTON, groups, BM=cfg.block_m, BQ=sub, NS=SLOTS, CHX=64,
         LOGK=budget.bit_length(), GATED=scan, num_warps=BLOCK_CAUSAL_WARPS,
         **_cap(BLOCK_CAUSAL_MAX_REGISTERS))
     return Selection(lists, rank, tau, rk, cnt, scores)
@@ -411,7 +417,7 @@ def _select_noncausal(scores, budget, window, cfg) -> Selection:
     tau, rk, cnt = _per_query(scores)
     # One program per block: a 16-query one-warp program (measured 9x slower) holds
     # larger per-query tiles a thread and spills.
-    sparsek_block_noncausal_fwd_kernel[(nblk, bh)](
+    sparsek_block_noncausal_fwd_kernel[(nblk * bh,)](
         z, sp, rank, zpre, first, inv_h, fullest, scores, lists, tau, rk, cnt, seq_len,
         nblk, budget, window, MAX_NEWTON, BM=cfg.block_m,
         NW=max(16, triton.next_power_of_2(2 * window - 1)),
@@ -449,21 +455,31 @@ def select(u: torch.Tensor, kv_budget: int, window: int, causal: bool,
 def attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      sel: Selection, window: int, causal: bool, scale: float,
                      cfg: ForwardConfig, o: torch.Tensor, lse: torch.Tensor):
-    """(grid, positional args, constexpr args) of the attention kernel for contiguous
-    q, k, v, o and lse and a selection made with cfg's blocks; the caller adds the tile
+    """([(grid, first row)], positional args, constexpr args) of the attention kernel for contiguous
+    q, k, v, o and lse and a selection made with cfg's blocks: one launch per
+    ROWS_PER_LAUNCH (batch, kv head) rows (see run_attention); the caller adds the tile
     (BN, num_warps, num_stages) or lets the tuner pick it."""
     batch, q_heads, seq_len, dim = q.shape
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
     heads = math.gcd(cfg.heads, group)
-    grid = (triton.cdiv(seq_len, cfg.block_m), batch * kv_heads, group // heads)
     args = (q, k, v, sel.scores, sel.rank, sel.lists, sel.tau, sel.rk, sel.cnt, o, lse,
             seq_len, q_heads, kv_heads, sel.lists.shape[1], sel.lists.shape[2], window,
             scale * LOG2E)
+    rows = batch * kv_heads
+    launches = [((triton.cdiv(seq_len, cfg.block_m), min(ROWS_PER_LAUNCH, rows - row0),
+                  group // heads), row0) for row0 in range(0, rows, ROWS_PER_LAUNCH)]
     fixed = dict(CAUSAL=causal, BM=cfg.block_m, HG=heads, D=dim,
                  PREC="ieee" if q.dtype == torch.float32 else "tf32",
                  UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16)
-    return grid, args, fixed
+    return launches, args, fixed
+
+
+def run_attention(kernel, launches, args: tuple, fixed: dict, **launch) -> None:
+    """Launch an attention kernel (Triton or Gluon, tuned or not) over attention_launch's
+    launches: (grid, first row) each."""
+    for grid, row0 in launches:
+        kernel[grid](*args, **fixed, ROW0=row0, **launch)
 
 
 # The attention kernel picked per shape (see launch_forward for the key): "triton" or
@@ -539,25 +555,26 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.T
     o_dst = o if o.is_contiguous() else torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse_dst = lse if lse.is_contiguous() else torch.empty(lse.shape, dtype=lse.dtype,
                                                           device=lse.device)
-    grid, args, fixed = attention_launch(q, k, v, sel, window, causal, scale, cfg, o_dst,
-                                         lse_dst)
+    launches, args, fixed = attention_launch(q, k, v, sel, window, causal, scale, cfg,
+                                             o_dst, lse_dst)
     if config is None and q.is_cuda and TUNE:
         # Each new shape is tuned once per process, on its first call (outputs are
         # rewritten whole by every trial, so the trials leave nothing behind).
-        runs = {"triton": lambda: sparsek_attn_fwd_tuned[grid](*args, **fixed)}
+        runs = {"triton": lambda: run_attention(sparsek_attn_fwd_tuned, launches, args,
+                                                fixed)}
         if gluon_attn is not None and gluon_attn.supported(q, rows):
-            runs["gluon"] = lambda: gluon_attn.tuned(rows)[grid](
-                *args, **gluon_attn.kernel_args(fixed))
+            runs["gluon"] = lambda: run_attention(gluon_attn.tuned(rows), launches, args,
+                                                  gluon_attn.kernel_args(fixed))
         key = (q.device.index, q.dtype, *q.shape, k.shape[1], kv_budget, window, causal,
                cfg.block_m, fixed["HG"], *runs)
         runs[_pick_attention(key, runs)]()
     elif cfg.kernel == "gluon":
-        gluon_attn.sparsek_attn_fwd_gluon[grid](*args, **gluon_attn.kernel_args(fixed),
-                                                **gluon_launch)
+        run_attention(gluon_attn.sparsek_attn_fwd_gluon, launches, args,
+                      gluon_attn.kernel_args(fixed), **gluon_launch)
     else:
-        sparsek_attn_fwd_kernel[grid](*args, **fixed, BN=cfg.block_n,
-                                      num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                      **_cap(cfg.max_registers))
+        run_attention(sparsek_attn_fwd_kernel, launches, args, fixed, BN=cfg.block_n,
+                      num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                      **_cap(cfg.max_registers))
     if o_dst is not o:
         o.copy_(o_dst)
     if lse_dst is not lse:

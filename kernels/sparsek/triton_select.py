@@ -32,11 +32,22 @@ import triton.language as tl
 
 
 @triton.jit
+def _row_block(S, BLOCK: tl.constexpr):
+    """(row, block) of this program in a one-dimensional grid of cdiv(S, BLOCK) blocks per
+    row, blocks fastest. Rows go in the first grid dimension (up to 2**31 - 1 programs),
+    not the second, whose limit of 65535 a batch of many heads would exceed."""
+    n_blk = tl.cdiv(S, BLOCK)
+    return tl.program_id(0) // n_blk, tl.program_id(0) % n_blk
+
+
+@triton.jit
 def sparsek_sort_ranks_kernel(order_ptr, sp_ptr, rank_ptr, S, BLOCK: tl.constexpr):
     """From a sort's permutation ``order`` [BH, S] (int64): its int32 copy ``sp`` and its
-    inverse ``rank`` (rank[order[r]] = r), for one BLOCK of ranks of one row."""
-    row = tl.program_id(1).to(tl.int64) * S
-    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inverse ``rank`` (rank[order[r]] = r), for one BLOCK of ranks of one row (programs in
+    (row, block) order, blocks fastest: see ``_row_block``)."""
+    i_bh, i_blk = _row_block(S, BLOCK)
+    row = i_bh.to(tl.int64) * S
+    r = i_blk * BLOCK + tl.arange(0, BLOCK)
     m = r < S
     pos = tl.load(order_ptr + row + r, mask=m, other=0)
     tl.store(sp_ptr + row + r, pos.to(tl.int32), mask=m)
@@ -47,11 +58,10 @@ def sparsek_sort_ranks_kernel(order_ptr, sp_ptr, rank_ptr, S, BLOCK: tl.constexp
 def sparsek_prefix_count_kernel(sp_ptr, cnt_ptr, S, NL, BLOCK: tl.constexpr):
     """How many of one BLOCK of a row's sort ranks hold a position below NL, into
     cnt [BH, cdiv(S, BLOCK)]: the first pass of the prefix table (see below)."""
-    i_bh = tl.program_id(1)
-    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    i_bh, i_blk = _row_block(S, BLOCK)
+    r = i_blk * BLOCK + tl.arange(0, BLOCK)
     pos = tl.load(sp_ptr + i_bh.to(tl.int64) * S + r, mask=r < S, other=NL)
-    tl.store(cnt_ptr + i_bh * tl.num_programs(0) + tl.program_id(0),
-             tl.sum((pos < NL).to(tl.int32), axis=0))
+    tl.store(cnt_ptr + tl.program_id(0), tl.sum((pos < NL).to(tl.int32), axis=0))
 
 
 @triton.jit
@@ -60,11 +70,11 @@ def sparsek_prefix_table_kernel(sp_ptr, off_ptr, lr_ptr, S, NL, BLOCK: tl.conste
     program: the ranks whose position is below NL, in ascending order, into lr [BH, NL].
     off [BH, cdiv(S, BLOCK)] holds how many such ranks precede each block (the exclusive
     sum of sparsek_prefix_count_kernel's counts)."""
-    i_bh = tl.program_id(1)
-    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    i_bh, i_blk = _row_block(S, BLOCK)
+    r = i_blk * BLOCK + tl.arange(0, BLOCK)
     pos = tl.load(sp_ptr + i_bh.to(tl.int64) * S + r, mask=r < S, other=NL)
     keep = pos < NL
-    idx = tl.load(off_ptr + i_bh * tl.num_programs(0) + tl.program_id(0))
+    idx = tl.load(off_ptr + tl.program_id(0))
     idx += tl.cumsum(keep.to(tl.int32), axis=0) - 1
     tl.store(lr_ptr + i_bh.to(tl.int64) * NL + idx, r, mask=keep)
 
@@ -429,7 +439,7 @@ def _list_terms(g_ptr, u_ptr, row, n_g, t, t1, BM: tl.constexpr, CHX: tl.constex
 @triton.jit
 def sparsek_block_causal_fwd_kernel(
     z_ptr, sp_ptr, rank_ptr, u_ptr, g_ptr, bf_ptr, bi_ptr, tau_ptr, rk_ptr, cnt_ptr, flag_ptr,
-    S, NBND, K, W, MAXIT,
+    S, NBND, K, W, MAXIT, GROUPS,
     BM: tl.constexpr, BQ: tl.constexpr, NS: tl.constexpr, CHX: tl.constexpr,
     LOGK: tl.constexpr, GATED: tl.constexpr,
 ):
@@ -443,19 +453,21 @@ def sparsek_block_causal_fwd_kernel(
     generic path, which visits them from memory on every step. GATED: only rows whose
     flag is set are done; the scan of ``triton_select_scan`` wrote the others.
     """
-    i_bh = tl.program_id(1)
+    # GROUPS programs a row, in a one-dimensional grid (see _row_block).
+    i_bh = tl.program_id(0) // GROUPS
+    i_grp = tl.program_id(0) % GROUPS
     if GATED:
         # A row's few programs take its query groups in turn: most rows are not flagged,
         # and a program per group only to read the flag cost 0.3 ms on gpt4-4k's rows.
         if tl.load(flag_ptr + i_bh) != 0:
             n_sub = tl.cdiv(S, BM) * (BM // BQ)
-            for i_sub in range(tl.program_id(0), n_sub, tl.num_programs(0)):
+            for i_sub in range(i_grp, n_sub, GROUPS):
                 _block_causal(z_ptr, sp_ptr, rank_ptr, u_ptr, g_ptr, bf_ptr, bi_ptr, tau_ptr,
                               rk_ptr, cnt_ptr, i_bh, i_sub, S, NBND, K, W, MAXIT, BM, BQ, NS,
                               CHX, LOGK)
     else:
         _block_causal(z_ptr, sp_ptr, rank_ptr, u_ptr, g_ptr, bf_ptr, bi_ptr, tau_ptr, rk_ptr,
-                      cnt_ptr, i_bh, tl.program_id(0), S, NBND, K, W, MAXIT, BM, BQ, NS, CHX,
+                      cnt_ptr, i_bh, i_grp, S, NBND, K, W, MAXIT, BM, BQ, NS, CHX,
                       LOGK)
 
 

@@ -76,8 +76,9 @@ def sparsek_block_noncausal_fwd_kernel(
     the block's list. The counts of the sort read the value buckets of
     ``triton_fwd.score_buckets`` (first, inv_h, and the fullest bucket's size).
     """
-    i_blk = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    # One-dimensional grid, (row, block) with blocks fastest (see triton_select._row_block).
+    i_bh = tl.program_id(0) // NBLK
+    i_blk = tl.program_id(0) % NBLK
     row = i_bh.to(tl.int64) * S
     i0 = i_blk * BM
     q_pos = i0 + tl.arange(0, BM)

@@ -71,6 +71,15 @@ def test_forward_matches_reference(make_inputs, B, Hq, Hkv, S, D, K, W, causal, 
     check_against_reference(x, dtype, kv_budget=K, window=W, causal=causal, scale=None)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_more_rows_than_a_second_grid_dimension_holds(make_inputs, causal):
+    # 65600 (batch, kv head) rows: over the 65535 programs a CUDA grid's second dimension
+    # launches, so every kernel must take its rows in the first.
+    x = make_inputs(batch=16400, q_heads=4, kv_heads=4, seq_len=24, dim=64, dtype=BF16,
+                    device="cuda")
+    check_against_reference(x, BF16, kv_budget=5, window=3, causal=causal, scale=None)
+
+
 # (Hq, Hkv, S, D, K, W, causal, dtype): the shapes every tuner tile is checked on, causal
 # GQA at D = 128 and non-causal at D = 64.
 TILE_CASES = [

@@ -110,6 +110,17 @@ def test_logits_far_apart_rescale_the_running_sums(make_inputs, causal):
 
 
 @pytest.mark.parametrize("causal", [True, False])
+def test_rows_over_one_launch_take_several(make_inputs, monkeypatch, causal):
+    # Beyond ROWS_PER_LAUNCH (batch, kv head) rows (65535 on a GPU: a grid's second
+    # dimension) the attention is launched once per slice of rows.
+    from sparsek import triton_fwd
+
+    monkeypatch.setattr(triton_fwd, "ROWS_PER_LAUNCH", 2)
+    x = make_inputs(batch=5, q_heads=2, kv_heads=1, seq_len=40, dim=64, dtype=F32)
+    check_against_reference(x, F32, kv_budget=5, window=3, causal=causal, scale=None)
+
+
+@pytest.mark.parametrize("causal", [True, False])
 def test_budget_at_least_length_is_dense_attention(make_inputs, causal):
     x = make_inputs(q_heads=2, kv_heads=2, seq_len=63, dim=64, dtype=F32)
     o, lse = forward(x, kv_budget=63, window=5, causal=causal, scale=None)
