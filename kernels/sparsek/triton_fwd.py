@@ -115,9 +115,11 @@ BOUNDARY_CHUNK = 128
 # first descent from the top of the sort.
 BOUNDARY_WALK_CHUNK = 256  # long-64k's selection: 128 ranks 2.49 ms, 256: 2.39, 512: 2.47
 # The attention's grid is (blocks, rows, head groups); a CUDA grid's second dimension holds
-# at most 65535 programs, so more (batch, kv head) rows take several launches. (The
-# selection kernels run their rows in the first dimension instead, blocks fastest: the
-# attention kernels measured 5-10% slower on long-64k with that grid.)
+# at most 65535 programs, so more (batch, kv head) rows take several launches, each from
+# a constant first row (so the usual single launch compiles to the kernel as measured).
+# The selection kernels run their rows in the first dimension instead, blocks fastest.
+# A flat grid for the attention too was measured on the H100 and not kept: long-64k's
+# 64-key tile ran 8.58-8.65 ms with it against 8.15-8.88 with this grid, runs alternating.
 ROWS_PER_LAUNCH = 65535
 # Causal boundaries whose base has at most NL members walk a prefix table (the sort's
 # entries at positions below NL, in rank order) instead of the whole sort. None: NL from
@@ -239,7 +241,7 @@ def _sort(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     sp = torch.empty((bh, seq_len), dtype=torch.int32, device=scores.device)
     rank = torch.empty_like(sp)
     sparsek_sort_ranks_kernel[(triton.cdiv(seq_len, 1024) * bh,)](order, sp, rank, seq_len,
-                                                                 BLOCK=1024)
+                                                                  BLOCK=1024)
     return z.contiguous(), sp, rank
 
 
@@ -455,10 +457,10 @@ def select(u: torch.Tensor, kv_budget: int, window: int, causal: bool,
 def attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      sel: Selection, window: int, causal: bool, scale: float,
                      cfg: ForwardConfig, o: torch.Tensor, lse: torch.Tensor):
-    """([(grid, first row)], positional args, constexpr args) of the attention kernel for contiguous
-    q, k, v, o and lse and a selection made with cfg's blocks: one launch per
-    ROWS_PER_LAUNCH (batch, kv head) rows (see run_attention); the caller adds the tile
-    (BN, num_warps, num_stages) or lets the tuner pick it."""
+    """([(grid, first row)], positional args, constexpr args) of the attention kernel
+    for contiguous q, k, v, o and lse and a selection made with cfg's blocks: one launch
+    per ROWS_PER_LAUNCH (batch, kv head) rows (see run_attention); the caller adds the
+    tile (BN, num_warps, num_stages) or lets the tuner pick it."""
     batch, q_heads, seq_len, dim = q.shape
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
