@@ -4,13 +4,12 @@ For each query block (``--blocks``: queries x GQA heads per program; the forward
 default when not given) the selection is made once; then the current kernel, and with
 ``--baseline FILE`` the kernel of another copy of ``triton_attn.py`` (an A/B of a kernel
 change on the same card in one run; the copy must take the current arguments), run on
-it with each tile (keys per step x warps x
-pipeline stages, and optionally a cap on registers per thread, ``maxnreg``, so that more
-programs fit on an SM). ``--gluon`` adds the Hopper kernel of ``gluon_attn.py`` with
-each of its tiles (keys per step x shared-memory slots, and optionally the register
-cap). Every output is compared with the shape's first one; the table shows the
-registers and spills of each compiled tile. Median of ``triton.testing.do_bench`` (L2
-cleared before each call).
+it with each tile (keys per step x warps x pipeline stages, and optionally a cap on
+registers per thread, ``maxnreg``, so that more programs fit on an SM). ``--gluon``
+adds the Hopper kernel of ``gluon_attn.py`` with each of its tiles (keys per step x
+shared-memory slots, and optionally the register cap). Every output is compared with the
+shape's first one; the table shows the registers and spills of each compiled tile.
+Median of ``triton.testing.do_bench`` (L2 cleared before each call).
 
 Usage: python kernels/benchmarks/bench_attn.py [--cases gpt4-4k,long-64k]
        [--blocks 128x1,64x1] [--tiles 32x4x2,64x8x2,32x4x2x168] [--baseline old_triton_attn.py]

@@ -32,11 +32,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _row_block(S, BLOCK: tl.constexpr):
-    """(row, block) of this program in a one-dimensional grid of cdiv(S, BLOCK) blocks per
-    row, blocks fastest. Rows go in the first grid dimension (up to 2**31 - 1 programs),
-    not the second, whose limit of 65535 a batch of many heads would exceed."""
-    n_blk = tl.cdiv(S, BLOCK)
+def _row_block(n_blk):
+    """(row, block) of this program in a one-dimensional grid of n_blk programs per row,
+    blocks fastest. Rows go in the first grid dimension (up to 2**31 - 1 programs), not
+    the second, whose limit of 65535 a batch of many heads would exceed."""
     return tl.program_id(0) // n_blk, tl.program_id(0) % n_blk
 
 
@@ -45,7 +44,7 @@ def sparsek_sort_ranks_kernel(order_ptr, sp_ptr, rank_ptr, S, BLOCK: tl.constexp
     """From a sort's permutation ``order`` [BH, S] (int64): its int32 copy ``sp`` and its
     inverse ``rank`` (rank[order[r]] = r), for one BLOCK of ranks of one row (programs in
     (row, block) order, blocks fastest: see ``_row_block``)."""
-    i_bh, i_blk = _row_block(S, BLOCK)
+    i_bh, i_blk = _row_block(tl.cdiv(S, BLOCK))
     row = i_bh.to(tl.int64) * S
     r = i_blk * BLOCK + tl.arange(0, BLOCK)
     m = r < S
@@ -58,7 +57,7 @@ def sparsek_sort_ranks_kernel(order_ptr, sp_ptr, rank_ptr, S, BLOCK: tl.constexp
 def sparsek_prefix_count_kernel(sp_ptr, cnt_ptr, S, NL, BLOCK: tl.constexpr):
     """How many of one BLOCK of a row's sort ranks hold a position below NL, into
     cnt [BH, cdiv(S, BLOCK)]: the first pass of the prefix table (see below)."""
-    i_bh, i_blk = _row_block(S, BLOCK)
+    i_bh, i_blk = _row_block(tl.cdiv(S, BLOCK))
     r = i_blk * BLOCK + tl.arange(0, BLOCK)
     pos = tl.load(sp_ptr + i_bh.to(tl.int64) * S + r, mask=r < S, other=NL)
     tl.store(cnt_ptr + tl.program_id(0), tl.sum((pos < NL).to(tl.int32), axis=0))
@@ -70,7 +69,7 @@ def sparsek_prefix_table_kernel(sp_ptr, off_ptr, lr_ptr, S, NL, BLOCK: tl.conste
     program: the ranks whose position is below NL, in ascending order, into lr [BH, NL].
     off [BH, cdiv(S, BLOCK)] holds how many such ranks precede each block (the exclusive
     sum of sparsek_prefix_count_kernel's counts)."""
-    i_bh, i_blk = _row_block(S, BLOCK)
+    i_bh, i_blk = _row_block(tl.cdiv(S, BLOCK))
     r = i_blk * BLOCK + tl.arange(0, BLOCK)
     pos = tl.load(sp_ptr + i_bh.to(tl.int64) * S + r, mask=r < S, other=NL)
     keep = pos < NL
@@ -453,9 +452,7 @@ def sparsek_block_causal_fwd_kernel(
     generic path, which visits them from memory on every step. GATED: only rows whose
     flag is set are done; the scan of ``triton_select_scan`` wrote the others.
     """
-    # GROUPS programs a row, in a one-dimensional grid (see _row_block).
-    i_bh = tl.program_id(0) // GROUPS
-    i_grp = tl.program_id(0) % GROUPS
+    i_bh, i_grp = _row_block(GROUPS)
     if GATED:
         # A row's few programs take its query groups in turn: most rows are not flagged,
         # and a program per group only to read the flag cost 0.3 ms on gpt4-4k's rows.

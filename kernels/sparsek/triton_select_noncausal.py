@@ -14,7 +14,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from sparsek.triton_select import _mid_terms, _newton_advance, _outward, _store_selection
+from sparsek.triton_select import (
+    _mid_terms,
+    _newton_advance,
+    _outward,
+    _row_block,
+    _store_selection,
+)
 
 
 @triton.jit
@@ -76,9 +82,7 @@ def sparsek_block_noncausal_fwd_kernel(
     the block's list. The counts of the sort read the value buckets of
     ``triton_fwd.score_buckets`` (first, inv_h, and the fullest bucket's size).
     """
-    # One-dimensional grid, (row, block) with blocks fastest (see triton_select._row_block).
-    i_bh = tl.program_id(0) // NBLK
-    i_blk = tl.program_id(0) % NBLK
+    i_bh, i_blk = _row_block(NBLK)
     row = i_bh.to(tl.int64) * S
     i0 = i_blk * BM
     q_pos = i0 + tl.arange(0, BM)
