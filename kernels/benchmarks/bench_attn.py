@@ -2,8 +2,8 @@
 
 For each query block (``--blocks``: queries x GQA heads per program; the forward's
 default when not given) the selection is made once; then the current kernel, and with
-``--baseline FILE`` the kernel of another copy of ``triton_attn.py`` (an A/B of a kernel
-change on the same card in one run; the copy must take the current arguments), run on
+``--baseline FILE[,FILE]`` the kernels of other copies of ``triton_attn.py`` (an A/B of
+kernel changes on the same card in one run; each copy must take the current arguments), run on
 it with each tile (keys per step x warps x pipeline stages, and optionally a cap on
 registers per thread, ``maxnreg``, so that more programs fit on an SM). ``--gluon``
 adds the Hopper kernel of ``gluon_attn.py`` with each of its tiles (keys per step x
@@ -23,6 +23,7 @@ import dataclasses
 import importlib.util
 import math
 import sys
+from pathlib import Path
 
 import torch
 from bench_sparsek import SHAPES as BAR_SHAPES
@@ -39,7 +40,7 @@ TILES = ",".join(f"{c.kwargs['BN']}x{c.num_warps}x{c.num_stages}"
 
 
 def _load_baseline(path: str):
-    spec = importlib.util.spec_from_file_location("sparsek_attn_baseline", path)
+    spec = importlib.util.spec_from_file_location(f"sparsek_attn_{Path(path).stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.sparsek_attn_fwd_kernel
@@ -65,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="BNxWARPSxSTAGES[xMAXNREG], comma-separated")
     parser.add_argument("--blocks", default="",
                         help="BMxHEADS, comma-separated (default: the forward's)")
-    parser.add_argument("--baseline", help="another triton_attn.py to time as 'baseline'")
+    parser.add_argument("--baseline", default="",
+                        help="other copies of triton_attn.py, comma-separated: each is timed "
+                        "under its file's name")
     parser.add_argument("--gluon", default="",
                         help="BNxSTAGES[xMAXNREG], comma-separated: also time the Gluon (sm_90) "
                         "kernel")
@@ -76,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     import triton.testing
 
     kernels = {"current": triton_attn.sparsek_attn_fwd_kernel}
-    if args.baseline:
-        kernels["baseline"] = _load_baseline(args.baseline)
+    for path in filter(None, args.baseline.split(",")):
+        kernels[Path(path).stem[:8]] = _load_baseline(path)
     tiles = [tuple(int(n) for n in t.split("x")) for t in args.tiles.split(",")]
     runs = [(kname, kernel, tile) for kname, kernel in kernels.items() for tile in tiles]
     gluon_attn = triton_fwd.gluon_attention() if args.gluon else None

@@ -477,11 +477,14 @@ def attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return launches, args, fixed
 
 
-def run_attention(kernel, launches, args: tuple, fixed: dict, **launch) -> None:
+def run_attention(kernel, launches, args: tuple, fixed: dict, **launch):
     """Launch an attention kernel (Triton or Gluon, tuned or not) over attention_launch's
-    launches: (grid, first row) each."""
+    launches: (grid, first row) each. Returns the last launch's compiled kernel (its
+    registers and spills), or None where the launcher gives none (a tuner)."""
+    compiled = None
     for grid, row0 in launches:
-        kernel[grid](*args, **fixed, ROW0=row0, **launch)
+        compiled = kernel[grid](*args, **fixed, ROW0=row0, **launch)
+    return compiled
 
 
 # The attention kernel picked per shape (see launch_forward for the key): "triton" or
