@@ -129,6 +129,16 @@ def _newton_advance(t, f, n_sat, n_mid, prev_sat, prev_mid, newton, lo, hi, it, 
 
 
 @triton.jit
+def _above(z, t, STRICT: tl.constexpr):
+    """z > t (STRICT) or z >= t: which side of a threshold a cursor or count takes."""
+    if STRICT:  # noqa: SIM108 (a constexpr branch; Triton compiles one side)
+        r = z > t
+    else:
+        r = z >= t
+    return r
+
+
+@triton.jit
 def _walked(sp_ptr, lr_ptr, row, l_row, o, m_in, use_l):
     """(sort ranks, positions) of entries o of a walk's source: the row's sort itself (entry
     o is rank o), or with use_l its prefix table (the ranks of the positions below NL, in
@@ -154,10 +164,7 @@ def _move_cursor(z_ptr, sp_ptr, lr_ptr, row, l_row, use_l, n_src, c, cnt, acc, t
         m_in = o < n_src
         b_r, b_p = _walked(sp_ptr, lr_ptr, row, l_row, o, m_in, use_l)
         b_z = tl.load(z_ptr + row + b_r, mask=m_in, other=float("-inf"))
-        if STRICT:  # noqa: SIM108 (a constexpr branch; Triton compiles one side)
-            m_take = m_in & (b_z > t)
-        else:
-            m_take = m_in & (b_z >= t)
+        m_take = m_in & _above(b_z, t, STRICT)
         m_base = m_take & (b_p <= P)
         cnt += tl.sum(m_base.to(tl.int32), axis=0)
         acc += tl.sum(tl.where(m_base, b_z, 0.0).to(tl.float64), axis=0)
@@ -172,10 +179,7 @@ def _move_cursor(z_ptr, sp_ptr, lr_ptr, row, l_row, use_l, n_src, c, cnt, acc, t
         m_in = o >= 0
         b_r, b_p = _walked(sp_ptr, lr_ptr, row, l_row, o, m_in, use_l)
         b_z = tl.load(z_ptr + row + b_r, mask=m_in, other=float("inf"))
-        if STRICT:  # noqa: SIM108 (a constexpr branch; Triton compiles one side)
-            m_drop = m_in & (b_z <= t)
-        else:
-            m_drop = m_in & (b_z < t)
+        m_drop = m_in & (_above(b_z, t, STRICT) == 0)
         m_base = m_drop & (b_p <= P)
         cnt -= tl.sum(m_base.to(tl.int32), axis=0)
         acc -= tl.sum(tl.where(m_base, b_z, 0.0).to(tl.float64), axis=0)
@@ -199,10 +203,7 @@ def _sort_cursor(z_ptr, lr_ptr, row, l_row, c, NL, S, t, STRICT: tl.constexpr,
         o = lo + o_ch
         m_in = o < hi
         b_z = tl.load(z_ptr + row + o, mask=m_in, other=float("-inf"))
-        if STRICT:  # noqa: SIM108 (a constexpr branch; Triton compiles one side)
-            m_take = m_in & (b_z > t)
-        else:
-            m_take = m_in & (b_z >= t)
+        m_take = m_in & _above(b_z, t, STRICT)
         n_take = tl.sum(m_take.to(tl.int32), axis=0)
         lo += n_take
         go = (n_take == CH) & (lo < hi)

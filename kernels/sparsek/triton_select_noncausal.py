@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from sparsek.triton_select import (
+    _above,
     _mid_terms,
     _newton_advance,
     _outward,
@@ -165,10 +166,7 @@ def _count_above(z_ptr, row, t, p_first, zmax, inv_h, NB, steps, STRICT: tl.cons
         m_act = lo < hi
         mid = (lo + hi) // 2
         b_z = tl.load(z_ptr + row + mid, mask=m_act, other=0.0)
-        if STRICT:  # noqa: SIM108 (a constexpr branch; Triton compiles one side)
-            right = m_act & (b_z > t)
-        else:
-            right = m_act & (b_z >= t)
+        right = m_act & _above(b_z, t, STRICT)
         lo = tl.where(right, mid + 1, lo)
         hi = tl.where(m_act & (right == 0), mid, hi)
     return lo
