@@ -9,11 +9,14 @@ registers per thread, ``maxnreg``, so that more programs fit on an SM). ``--gluo
 adds the Hopper kernel of ``gluon_attn.py`` with each of its tiles (keys per step x
 shared-memory slots, and optionally the register cap). Every output is compared with the
 shape's first one; the table shows the registers and spills of each compiled tile.
+``--no-list`` adds the same runs with no list and the window widened by K (the same keys
+per query, every tile contiguous and ungated): the kernel's speed without its gathers and
+gates, each output compared with the first such one.
 Median of ``triton.testing.do_bench`` (L2 cleared before each call).
 
 Usage: python kernels/benchmarks/bench_attn.py [--cases gpt4-4k,long-64k]
        [--blocks 128x1,64x1] [--tiles 32x4x2,64x8x2,32x4x2x168] [--baseline old_triton_attn.py]
-       [--gluon 64x3,32x3x128]
+       [--gluon 64x3,32x3x128] [--no-list]
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -69,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", default="",
                         help="other copies of triton_attn.py, comma-separated: each is timed "
                         "under its file's name")
+    parser.add_argument("--no-list", action="store_true",
+                        help="also time each kernel and tile with no list (K = 0) and the "
+                        "window widened by K: the same keys per query, all contiguous and "
+                        "ungated (marked /nl)")
     parser.add_argument("--gluon", default="",
                         help="BNxSTAGES[xMAXNREG], comma-separated: also time the Gluon (sm_90) "
                         "kernel")
@@ -104,14 +112,20 @@ def main(argv: list[str] | None = None) -> int:
         default = triton_fwd.default_config(q, Hq // Hkv)
         blocks = ([tuple(int(n) for n in b.split("x")) for b in args.blocks.split(",")]
                   if args.blocks else [(default.block_m, default.heads)])
-        want = None
+        wants = {}
         for block_m, heads in blocks:
             cfg = dataclasses.replace(default, block_m=block_m, heads=heads)
-            sel = triton_fwd.select(u, K, W, causal, cfg)
-            computed = flops * _computed_keys(S, K, W, causal, block_m)
-            for kname, kernel, tile in runs:
+            # (mark, selection, window, computed FLOPs, attended FLOPs)
+            selections = [("", triton_fwd.select(u, K, W, causal, cfg), W,
+                           flops * _computed_keys(S, K, W, causal, block_m), attended)]
+            if args.no_list:
+                selections.append(("/nl", triton_fwd.select(u, 0, K + W, causal, cfg), K + W,
+                                   flops * _computed_keys(S, 0, K + W, causal, block_m),
+                                   flops * attended_pairs(S, 0, K + W, causal)))
+            for (kname, kernel, tile), (mark, sel, window, computed, pairs) in itertools.product(
+                    runs, selections):
                 o = torch.full_like(q, float("nan"))
-                launches, a, fixed = triton_fwd.attention_launch(q, k, v, sel, W, causal,
+                launches, a, fixed = triton_fwd.attention_launch(q, k, v, sel, window, causal,
                                                                  D ** -0.5, cfg, o, lse)
                 if kname == "gluon":
                     bn, stages, *cap = tile
@@ -128,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                     return triton_fwd.run_attention(kernel, launches, a, fixed, **run_kw)
 
                 tile = "x".join(str(n) for n in (bn, warps, stages, *cap))
-                label = f"{name:9} {block_m}x{heads:<3} {kname:8} {tile:<8}"
+                label = f"{name:9} {block_m}x{heads:<3} {kname[:8 - len(mark)] + mark:8} {tile:<8}"
                 try:
                     compiled = run()
                     torch.cuda.synchronize()
@@ -136,18 +150,17 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{label} failed: {type(exc).__name__}: {str(exc)[:100]}",
                           flush=True)
                     continue
-                if want is None:
-                    want = o.float()
+                want = wants.setdefault(mark, o.float())
                 diff = float((o.float() - want).norm() / want.norm())
                 ms = triton.testing.do_bench(run, return_mode="median")
                 n_regs = getattr(compiled, "n_regs", "?")
                 spills = getattr(compiled, "n_spills", "?")
                 print(f"{label} {ms:9.3f} {computed / ms / 1e9:13.1f} "
-                      f"{attended / ms / 1e9:13.1f} {diff:8.1e} "
+                      f"{pairs / ms / 1e9:13.1f} {diff:8.1e} "
                       f"{n_regs:>4} {spills:>6}"
                       + ("" if math.isfinite(diff) else "  (not finite)"), flush=True)
-            del sel
-        del q, k, v, u, lse, want
+            del selections
+        del q, k, v, u, lse, wants
         torch.cuda.empty_cache()
     return 0
 
