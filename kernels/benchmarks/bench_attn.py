@@ -81,14 +81,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="BNxSTAGES[xMAXNREG], comma-separated: also time the Gluon (sm_90) "
                         "kernel")
     args = parser.parse_args(argv)
+    baselines = [p for p in args.baseline.split(",") if p]
+    stems = [Path(p).stem for p in baselines]
+    if len(set(stems)) < len(stems) or {"current", "gluon"} & set(stems):
+        parser.error(f"--baseline: each copy is labelled by its file name, and these repeat "
+                     f"(or are 'current' or 'gluon'): {', '.join(stems)}; rename a copy")
     if not torch.cuda.is_available():
         print("bench_attn needs a CUDA GPU", file=sys.stderr)
         return 2
     import triton.testing
 
     kernels = {"current": triton_attn.sparsek_attn_fwd_kernel}
-    for path in filter(None, args.baseline.split(",")):
-        kernels[Path(path).stem[:8]] = _load_baseline(path)
+    for path in baselines:
+        kernels[Path(path).stem] = _load_baseline(path)
     tiles = [tuple(int(n) for n in t.split("x")) for t in args.tiles.split(",")]
     runs = [(kname, kernel, tile) for kname, kernel in kernels.items() for tile in tiles]
     gluon_attn = triton_fwd.gluon_attention() if args.gluon else None
@@ -98,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.gluon:
         print("--gluon: this Triton build has no Gluon Hopper API", file=sys.stderr)
         return 2
-    print(f"{'shape':9} {'block':6} {'kernel':8} {'tile':8} {'median ms':>9} {'computed TF/s':>13} "
-          f"{'attended TF/s':>13} {'diff':>8} {'regs':>4} {'spills':>6}")
+    # The kernel column fits every name, with room for the no-list runs' mark.
+    width = max(8, *(len(kname) + 3 * args.no_list for kname, _, _ in runs))
+    print(f"{'shape':9} {'block':6} {'kernel':{width}} {'tile':8} {'median ms':>9} "
+          f"{'computed TF/s':>13} {'attended TF/s':>13} {'diff':>8} {'regs':>4} {'spills':>6}")
     for name in args.cases.split(","):
         B, Hq, Hkv, S, D, K, W, causal = SHAPES[name]
         gen = torch.Generator(device="cuda").manual_seed(0)
@@ -142,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                     return triton_fwd.run_attention(kernel, launches, a, fixed, **run_kw)
 
                 tile = "x".join(str(n) for n in (bn, warps, stages, *cap))
-                label = f"{name:9} {block_m}x{heads:<3} {kname[:8 - len(mark)] + mark:8} {tile:<8}"
+                label = f"{name:9} {block_m}x{heads:<3} {kname + mark:{width}} {tile:<8}"
                 try:
                     compiled = run()
                     torch.cuda.synchronize()

@@ -480,7 +480,7 @@ def attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def run_attention(kernel, launches, args: tuple, fixed: dict, **launch):
     """Launch an attention kernel (Triton or Gluon, tuned or not) over attention_launch's
     launches: (grid, first row) each. Returns the last launch's compiled kernel (its
-    registers and spills), or None where the launcher gives none (a tuner)."""
+    registers and spills; a tuner returns the one it ran)."""
     compiled = None
     for grid, row0 in launches:
         compiled = kernel[grid](*args, **fixed, ROW0=row0, **launch)
