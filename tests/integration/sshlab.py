@@ -207,7 +207,11 @@ class SshHost:
         return SshdSessions(logins=len(ports),
                             commands=count(r"Starting session: command for \S+ from \S+ "
                                            r"port (\d+)"),
-                            disconnects=count(r"Closing connection to \S+ port (\d+)"))
+                            # An end is logged as a clean close, or, when the client's
+                            # socket closes with the server's last bytes unread (its
+                            # kernel then resets the link), as a read error.
+                            disconnects=count(r"(?:Closing connection to|Read error from "
+                                              r"remote host) \S+ port (\d+)"))
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
