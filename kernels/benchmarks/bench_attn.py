@@ -80,12 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gluon", default="",
                         help="BNxSTAGES[xMAXNREG], comma-separated: also time the Gluon (sm_90) "
                         "kernel")
+    parser.add_argument("--ws", default="",
+                        help="BNxSTAGES[xCONSUMER_REGSxPRODUCER_REGS], comma-separated: also "
+                        "time the warp-specialized Gluon (sm_90) kernel (128-row blocks)")
     args = parser.parse_args(argv)
     baselines = [p for p in args.baseline.split(",") if p]
     stems = [Path(p).stem for p in baselines]
-    if len(set(stems)) < len(stems) or {"current", "gluon"} & set(stems):
+    if len(set(stems)) < len(stems) or {"current", "gluon", "ws"} & set(stems):
         parser.error(f"--baseline: each copy is labelled by its file name, and these repeat "
-                     f"(or are 'current' or 'gluon'): {', '.join(stems)}; rename a copy")
+                     f"(or are 'current', 'gluon' or 'ws'): {', '.join(stems)}; rename a copy")
     if not torch.cuda.is_available():
         print("bench_attn needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -102,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
                  for t in args.gluon.split(",")]
     elif args.gluon:
         print("--gluon: this Triton build has no Gluon Hopper API", file=sys.stderr)
+        return 2
+    ws_attn = triton_fwd.ws_attention() if args.ws else None
+    if ws_attn is not None:
+        runs += [("ws", ws_attn.sparsek_attn_fwd_ws, tuple(int(n) for n in t.split("x")))
+                 for t in args.ws.split(",")]
+    elif args.ws:
+        print("--ws: this Triton build has no Gluon warp specialization", file=sys.stderr)
         return 2
     # The kernel column fits every name, with room for the no-list runs' mark.
     width = max(8, *(len(kname) + 3 * args.no_list for kname, _, _ in runs))
@@ -140,6 +150,13 @@ def main(argv: list[str] | None = None) -> int:
                     run_kw = gluon_attn.launch_kwargs(bn, stages, cap[0] if cap else None,
                                                       heads * block_m)
                     warps = run_kw["num_warps"]
+                elif kname == "ws":
+                    if heads * block_m != ws_attn.ROWS:
+                        continue
+                    bn, stages, *regs = tile
+                    fixed = triton_fwd.gluon_attention().kernel_args(fixed)
+                    run_kw = ws_attn.launch_kwargs(bn, stages, *regs)
+                    warps = 12
                 else:
                     bn, warps, stages, *cap = tile
                     run_kw = dict(BN=bn, num_warps=warps, num_stages=stages,

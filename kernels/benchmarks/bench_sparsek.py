@@ -274,6 +274,8 @@ def tuned_attention_configs() -> str:
     tuners = [("triton", sparsek_attn_fwd_tuned)]
     if triton_fwd.gluon_attention() is not None:
         tuners += [("gluon", tuner) for tuner in triton_fwd.gluon_attention().tuners()]
+    if triton_fwd.ws_attention() is not None:
+        tuners += [("ws", tuner) for tuner in triton_fwd.ws_attention().tuners()]
     lines += [f"{name} attention tuned for {key[:5]} (S, Hq, Hkv, K, W): {config}"
               for name, tuner in tuners for key, config in tuner.cache.items()]
     return "\n".join(lines)

@@ -178,12 +178,14 @@ class ForwardConfig:
     GPU the kernels' own steps, such as BOUNDARY_CHUNK, are smaller).
     max_registers: a cap on the attention's registers per thread (Triton's maxnreg), or
     None for the compiler's choice.
-    kernel: the attention kernel, "triton" (triton_attn, any device) or "gluon"
+    kernel: the attention kernel, "triton" (triton_attn, any device), "gluon"
     (gluon_attn: Hopper, float16/bfloat16, 64 or 128 rows a program; num_stages is then
-    its shared-memory slots, at least 3, and num_warps follows the rows).
+    its shared-memory slots, at least 3, and num_warps follows the rows) or "ws"
+    (gluon_ws_attn, warp-specialized: Hopper, float16/bfloat16, 128 rows a program;
+    num_stages is then its ring slots, at least 2; its warps are fixed).
     On a GPU without an explicit config, the attention's kernel and tile are tuned per
-    shape instead (triton_attn.ATTN_CONFIGS, gluon_attn.GLUON_CONFIGS), unless TUNE is
-    off.
+    shape instead (triton_attn.ATTN_CONFIGS, gluon_attn.GLUON_CONFIGS,
+    gluon_ws_attn.WS_CONFIGS), unless TUNE is off.
     """
 
     block_m: int
@@ -487,8 +489,8 @@ def run_attention(kernel, launches, args: tuple, fixed: dict, **launch):
     return compiled
 
 
-# The attention kernel picked per shape (see launch_forward for the key): "triton" or
-# "gluon".
+# The attention kernel picked per shape (see launch_forward for the key): "triton",
+# "gluon" or "ws".
 _ATTENTION_PICKS: dict[tuple, str] = {}
 
 
@@ -504,6 +506,20 @@ def gluon_attention():
     except (ImportError, AttributeError):  # pragma: no cover - depends on the Triton build
         return None
     return gluon_attn
+
+
+@functools.cache
+def ws_attention():
+    """The warp-specialized Hopper attention kernel's module (gluon_ws_attn), or None
+    where this Triton build lacks Gluon's warp specialization; imported as
+    gluon_attention is."""
+    if gluon_attention() is None:
+        return None
+    try:
+        from sparsek import gluon_ws_attn
+    except (ImportError, AttributeError):  # pragma: no cover - depends on the Triton build
+        return None
+    return gluon_ws_attn
 
 
 def attention_picks() -> dict[tuple, str]:
@@ -553,8 +569,17 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.T
                              f"{q.device} with {rows} rows: use kernel='triton'")
         gluon_launch = gluon_attn.launch_kwargs(cfg.block_n, cfg.num_stages,
                                                 cfg.max_registers, rows)
-    elif cfg.kernel != "triton":
-        raise ValueError(f"config.kernel must be 'triton' or 'gluon'; got {cfg.kernel!r}")
+    ws_attn = ws_attention() if q.is_cuda else None
+    if cfg.kernel == "ws":
+        if ws_attn is None or not ws_attn.supported(q, rows):
+            raise ValueError(f"config.kernel='ws' needs float16 or bfloat16 on a Hopper GPU "
+                             f"(sm_90) and {ws_attn.ROWS if ws_attn else 128} rows a "
+                             f"program (heads x block_m); got {q.dtype} on {q.device} with "
+                             f"{rows} rows: use kernel='triton'")
+        ws_launch = ws_attn.launch_kwargs(cfg.block_n, cfg.num_stages)
+    elif cfg.kernel not in ("triton", "gluon"):
+        raise ValueError(f"config.kernel must be 'triton', 'gluon' or 'ws'; got "
+                         f"{cfg.kernel!r}")
     sel = select(u, kv_budget, window, causal, cfg)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o_dst = o if o.is_contiguous() else torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -570,12 +595,18 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.T
         if gluon_attn is not None and gluon_attn.supported(q, rows):
             runs["gluon"] = lambda: run_attention(gluon_attn.tuned(rows), launches, args,
                                                   gluon_attn.kernel_args(fixed))
+        if ws_attn is not None and ws_attn.supported(q, rows):
+            runs["ws"] = lambda: run_attention(ws_attn.tuned(), launches, args,
+                                               gluon_attn.kernel_args(fixed))
         key = (q.device.index, q.dtype, *q.shape, k.shape[1], kv_budget, window, causal,
                cfg.block_m, fixed["HG"], *runs)
         runs[_pick_attention(key, runs)]()
     elif cfg.kernel == "gluon":
         run_attention(gluon_attn.sparsek_attn_fwd_gluon, launches, args,
                       gluon_attn.kernel_args(fixed), **gluon_launch)
+    elif cfg.kernel == "ws":
+        run_attention(ws_attn.sparsek_attn_fwd_ws, launches, args,
+                      gluon_attn.kernel_args(fixed), **ws_launch)
     else:
         run_attention(sparsek_attn_fwd_kernel, launches, args, fixed, BN=cfg.block_n,
                       num_warps=cfg.num_warps, num_stages=cfg.num_stages,

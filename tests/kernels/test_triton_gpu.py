@@ -180,6 +180,75 @@ def test_every_gluon_tile_the_tuner_may_pick_matches_reference(
     check_against_reference(x, dtype, kv_budget=K, window=W, causal=causal, scale=None)
 
 
+def _force_ws(monkeypatch, q, group, tile):
+    """Make the forward use the warp-specialized kernel with tile (keys, ring slots) on
+    blocks of 128 rows (the default heads a program, and as many queries as make 128);
+    skip where it cannot run."""
+    import dataclasses
+
+    from sparsek import triton_fwd
+
+    _gluon()
+    ws_attn = triton_fwd.ws_attention()
+    if ws_attn is None:
+        pytest.skip("this Triton build has no Gluon warp specialization")
+    default = triton_fwd.default_config
+    heads = math.gcd(default(q, group).heads, group)
+    if not ws_attn.supported(q, ws_attn.ROWS):
+        pytest.skip("the warp-specialized kernel serves float16/bfloat16")
+    block_n, stages = tile
+
+    def with_ws(q, group):
+        return dataclasses.replace(default(q, group), kernel="ws", block_n=block_n,
+                                   num_stages=stages, block_m=ws_attn.ROWS // heads)
+
+    monkeypatch.setattr(triton_fwd, "default_config", with_ws)
+
+
+@pytest.mark.parametrize(("B", "Hq", "Hkv", "S", "D", "K", "W", "causal", "dtype"),
+                         [c for c in CASES if c[-1] != F32])
+def test_ws_attention_matches_reference(make_inputs, monkeypatch, B, Hq, Hkv, S, D, K, W,
+                                        causal, dtype):
+    x = make_inputs(batch=B, q_heads=Hq, kv_heads=Hkv, seq_len=S, dim=D, dtype=dtype,
+                    device="cuda")
+    _force_ws(monkeypatch, x.q, Hq // Hkv, (64, 4))
+    check_against_reference(x, dtype, kv_budget=K, window=W, causal=causal, scale=None)
+
+
+@pytest.mark.parametrize("tile", range(3))
+@pytest.mark.parametrize(("Hq", "Hkv", "S", "D", "K", "W", "causal", "dtype"), TILE_CASES)
+def test_every_ws_tile_the_tuner_may_pick_matches_reference(
+        make_inputs, monkeypatch, tile, Hq, Hkv, S, D, K, W, causal, dtype):
+    from sparsek import triton_fwd
+
+    _gluon()
+    configs = triton_fwd.ws_attention().WS_CONFIGS
+    assert len(configs) == 3, "the tile parameter must cover every config"
+    x = make_inputs(batch=1, q_heads=Hq, kv_heads=Hkv, seq_len=S, dim=D, dtype=dtype,
+                    device="cuda")
+    _force_ws(monkeypatch, x.q, Hq // Hkv, configs[tile][:2])
+    check_against_reference(x, dtype, kv_budget=K, window=W, causal=causal, scale=None)
+
+
+def test_ws_kernel_on_blocks_other_than_128_rows_is_refused_before_anything_runs(
+        make_inputs, monkeypatch):
+    import dataclasses
+
+    from sparsek import triton_fwd
+
+    _gluon()
+    x = make_inputs(batch=1, q_heads=4, kv_heads=1, seq_len=100, dim=64, dtype=BF16,
+                    device="cuda")
+    default = triton_fwd.default_config
+    monkeypatch.setattr(triton_fwd, "default_config", lambda q, group: dataclasses.replace(
+        default(q, group), kernel="ws", block_m=16, heads=4))
+    o = torch.full_like(x.q, float("nan"))
+    with pytest.raises(ValueError, match="128 rows a program"):
+        triton_fwd.launch_forward(x.q, x.k, x.v, x.u, 7, 4, True, 0.125, o,
+                                  torch.empty(x.q.shape[:3], device="cuda"))
+    assert o.isnan().all()
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_ties_and_dense_limits(make_inputs, causal):
     x = make_inputs(q_heads=4, kv_heads=2, seq_len=700, dim=64, dtype=F32, u_levels=6,

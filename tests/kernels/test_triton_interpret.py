@@ -328,7 +328,9 @@ def test_scan_register_cap_fits_every_row_in_one_wave():
 @pytest.mark.parametrize(("kernel", "dtype", "message"), [
     ("gluon", torch.bfloat16, "needs float16 or bfloat16 on a Hopper GPU"),
     ("gluon", torch.float32, "needs float16 or bfloat16 on a Hopper GPU"),
-    ("cuda", torch.bfloat16, "must be 'triton' or 'gluon'"),
+    ("ws", torch.bfloat16, "needs float16 or bfloat16 on a Hopper GPU"),
+    ("ws", torch.float16, "128 rows a program"),
+    ("cuda", torch.bfloat16, "must be 'triton', 'gluon' or 'ws'"),
 ])
 def test_an_explicit_attention_kernel_that_cannot_serve_the_input_is_refused(
         make_inputs, kernel, dtype, message):

@@ -1,0 +1,420 @@
+"""Attention step of the SparseK forward for Hopper (sm_90), warp-specialized.
+
+The same work as ``gluon_attn.sparsek_attn_fwd_gluon`` (one block of queries of HG heads,
+its list tiles then its dense tiles), split among three groups of four warps, as
+FlashAttention-3 splits a dense attention:
+
+- a producer gathers each tile's key and value rows (and their scores and sort ranks,
+  the gates' inputs) by ``cp.async`` into a ring of STAGES shared-memory slots; each of
+  its threads signals the slot's ``ready`` barrier when its own copies land;
+- two consumer warpgroups each own half of the program's rows. Each waits for a slot,
+  runs the logits of tile t and the value product of tile t - 1 on the tensor cores,
+  computes tile t's gates and softmax meanwhile, and frees slot t - 1 (its ``empty``
+  barrier) once that value product is done.
+
+The consumers never wait on each other: while one is in its softmax, the other's
+products can hold the tensor cores. Registers move to where they are used: the
+producer keeps few, the consumers the rest (``setmaxnreg``, done by the compiler from
+the partition's register count).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    async_copy,
+    fence_async_shared,
+    mbarrier,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+from sparsek.gluon_attn import _positions
+from sparsek.triton_attn import dense_gate, dense_range
+
+# The kinds of barrier of a ring slot.
+K_READY = gl.constexpr(0)
+V_READY = gl.constexpr(1)
+K_FREE = gl.constexpr(2)
+V_FREE = gl.constexpr(3)
+
+
+@gluon.jit
+def _round(p, dtype: gl.constexpr):
+    """p (float32) rounded to dtype two elements an instruction (the compiler's own
+    conversion takes one, plus a byte permute to pack the pair)."""
+    if dtype == gl.bfloat16:
+        return gl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [p],
+                                         dtype=gl.bfloat16, is_pure=True, pack=2)
+    else:
+        return gl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [p],
+                                         dtype=gl.float16, is_pure=True, pack=2)
+
+
+@gluon.jit
+def _softmax(x, g, keep, m_i, l_i, qk_scale, dtype: gl.constexpr, GATED: gl.constexpr,
+             MASKED: gl.constexpr):
+    """Fold raw logits x [M, BN] into the running (m, l) (log2 units): keys where keep is
+    False drop out (MASKED), the rest weigh g (GATED; else 1). Returns (m, l, alpha, p)
+    with p rounded to dtype for the value product; l sums the weights before rounding."""
+    if MASKED:
+        x = gl.where(keep, x, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(x, axis=1) * qk_scale)
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = gl.exp2(m_i - m_use)
+    p = gl.exp2(x * qk_scale - m_use[:, None])
+    if GATED:
+        p = p * g
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    return m_new, l_i, alpha, _round(p, dtype)
+
+
+@gluon.jit
+def _fold(t, s, m_i, l_i, u_smem, r_smem, q_pos, tau, rk, cnt, n_all, n_list, j_start, j_lo,
+          j_hi, t1, t2, W, qk_scale, OUT: gl.constexpr, CAUSAL: gl.constexpr,
+          BN: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
+          dtype: gl.constexpr):
+    """Wait for tile t's logits s (until OUT products are in flight) and fold them in,
+    with gates only as far as the tile needs (as gluon_attn's _fold_tile; here the gates
+    are computed after the wait, which keeps fewer registers live across it): list tiles
+    every query selects whole take clip(u - tau, -, 1) unmasked, dense tiles inside every
+    window nothing, the causal diagonal a mask by position, the rest the general gate."""
+    col: gl.constexpr = gl.SliceLayout(0, s_layout)
+    o_n = gl.arange(0, BN, layout=col)
+    slot = t % STAGES
+    if t < n_all:
+        b_u = u_smem.index(slot).load(col)
+        x = warpgroup_mma_wait(num_outstanding=OUT, deps=(s,))
+        g = gl.minimum(b_u[None, :] - tau[:, None], 1.0)
+        m_i, l_i, alpha, p = _softmax(x, g, g, m_i, l_i, qk_scale, dtype, True, False)
+    elif t < n_list:
+        b_u = u_smem.index(slot).load(col)
+        x = warpgroup_mma_wait(num_outstanding=OUT, deps=(s,))
+        soft = gl.minimum(gl.maximum(b_u[None, :] - tau[:, None], 0.0), 1.0)
+        # List entry n is selected by the queries with n < cnt.
+        g = gl.where((t * BN + o_n)[None, :] < cnt[:, None], soft, 0.0)
+        m_i, l_i, alpha, p = _softmax(x, g, g > 0, m_i, l_i, qk_scale, dtype, True, True)
+    else:
+        j0 = j_start + (t - n_list) * BN
+        o_j = j0 + o_n
+        if (j0 >= t1) & (j0 < t2):
+            x = warpgroup_mma_wait(num_outstanding=OUT, deps=(s,))
+            m_i, l_i, alpha, p = _softmax(x, x, x, m_i, l_i, qk_scale, dtype, False, False)
+        elif CAUSAL & (j0 >= t2):
+            x = warpgroup_mma_wait(num_outstanding=OUT, deps=(s,))
+            keep = (q_pos[:, None] >= o_j[None, :]) & (o_j <= j_hi)[None, :]
+            m_i, l_i, alpha, p = _softmax(x, x, keep, m_i, l_i, qk_scale, dtype, False,
+                                          True)
+        else:
+            b_u = u_smem.index(slot).load(col)
+            b_r = r_smem.index(slot).load(col)
+            x = warpgroup_mma_wait(num_outstanding=OUT, deps=(s,))
+            m_j = (o_j >= j_lo) & (o_j <= j_hi)
+            g = dense_gate(q_pos, o_j, m_j, b_u, b_r, tau, rk, W, CAUSAL)
+            m_i, l_i, alpha, p = _softmax(x, g, g > 0, m_i, l_i, qk_scale, dtype, True,
+                                          True)
+    return m_i, l_i, alpha, p
+
+
+@gluon.jit
+def _tiles(cnt_ptr, i_bh, i0, i1, S, K, W, CAUSAL: gl.constexpr, BM: gl.constexpr,
+           HG: gl.constexpr, BN: gl.constexpr, lay: gl.constexpr):
+    """The block's tile plan, the same in every partition: (n_sel, n_list, n_t, j_lo,
+    j_hi, j_start, t1, t2). n_sel is the longest list count of the block's queries (list
+    entries past it are selected by none)."""
+    o_i = gl.arange(0, BM, layout=lay)
+    q_pos = i0 + o_i
+    cnt = gl.load(cnt_ptr + i_bh.to(gl.int64) * S + q_pos, mask=q_pos < S, other=0)
+    n_sel = gl.max(cnt, axis=0)
+    j_lo, j_hi, j_start, t1, t2 = dense_range(i0, i1, S, W, CAUSAL, BM, BN)
+    n_list = (n_sel + BN - 1) // BN
+    n_dense = gl.maximum(j_hi + 1 - j_start + BN - 1, 0) // BN
+    n_t = gl.maximum(n_list + n_dense, 1)  # an empty block runs one all-masked tile
+    return n_sel, n_list, n_t, j_lo, j_hi, j_start, t1, t2
+
+
+@gluon.jit
+def _producer(k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, k_smem, v_smem, u_smem, r_smem,
+              bars, S, NBG, K, W, ROW0: gl.constexpr, CAUSAL: gl.constexpr,
+              BM: gl.constexpr, HG: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
+              STAGES: gl.constexpr):
+    """Copy tile t's keys (with their scores and sort ranks) and its values into slot
+    t % STAGES of their rings, each once the consumers have freed it."""
+    # Copies move 16 bytes a thread along D, four warps.
+    ld: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [4, 1], [1, 0])
+    i_blk = gl.program_id(0)
+    i_bh = ROW0 + gl.program_id(1)
+    i0 = i_blk * BM
+    i1 = gl.minimum(i0 + BM - 1, S - 1)
+    rows: gl.constexpr = gl.SliceLayout(1, ld)
+    n_sel, n_list, n_t, j_lo, j_hi, j_start, t1, t2 = _tiles(
+        cnt_ptr, i_bh, i0, i1, S, K, W, CAUSAL, BM, HG, BN, rows)
+    kv_row = i_bh.to(gl.int64) * S
+    k_base = k_ptr + kv_row * D
+    v_base = v_ptr + kv_row * D
+    u_row = u_ptr + kv_row
+    rank_row = rank_ptr + kv_row
+    p_g = g_ptr + (i_bh.to(gl.int64) * NBG + i_blk) * K
+    o_d = gl.arange(0, D, layout=gl.SliceLayout(0, ld))
+
+    # Each tile's rows are read before waiting for its slots, so that read overlaps the
+    # wait.
+    pos, m = _positions(0, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, BN, ld)
+    for t in range(n_t):
+        slot = t % STAGES
+        # A fresh barrier counts as freed once: round 0 passes at once.
+        phase = ((t // STAGES) & 1) ^ 1
+        off = (pos * D)[:, None] + o_d[None, :]
+        mbarrier.wait(bars.index(K_FREE * STAGES + slot), phase)
+        async_copy.async_copy_global_to_shared(k_smem.index(slot), k_base + off,
+                                               mask=m[:, None])
+        async_copy.async_copy_global_to_shared(u_smem.index(slot), u_row + pos, mask=m)
+        async_copy.async_copy_global_to_shared(r_smem.index(slot), rank_row + pos, mask=m)
+        # Every thread's arrival fires when its own copies so far have landed.
+        async_copy.mbarrier_arrive(bars.index(K_READY * STAGES + slot),
+                                   increment_count=False)
+        mbarrier.wait(bars.index(V_FREE * STAGES + slot), phase)
+        async_copy.async_copy_global_to_shared(v_smem.index(slot), v_base + off,
+                                               mask=m[:, None])
+        async_copy.mbarrier_arrive(bars.index(V_READY * STAGES + slot),
+                                   increment_count=False)
+        pos, m = _positions(t + 1, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, BN, ld)
+
+
+@gluon.jit
+def _consumer(q_smem, k_smem, v_smem, u_smem, r_smem, bars, tau_ptr, rk_ptr, cnt_ptr,
+              o_ptr, lse_ptr, S, Hq, Hkv, K, W, qk_scale, WG: gl.constexpr,
+              ROW0: gl.constexpr, CAUSAL: gl.constexpr, BM: gl.constexpr, HG: gl.constexpr,
+              BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr):
+    """Rows WG * M2 .. WG * M2 + M2 - 1 of the program (M2 = HG * BM / 2; row h * BM + i
+    is query i0 + i of the group's head h): their online softmax over every tile, then
+    o and lse."""
+    M2: gl.constexpr = HG * BM // 2
+    dtype: gl.constexpr = q_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    flat: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+
+    i_blk = gl.program_id(0)
+    i_bh = ROW0 + gl.program_id(1)
+    i_hg = gl.program_id(2)
+    i_b = i_bh // Hkv
+    i_kv = i_bh % Hkv
+    i0 = i_blk * BM
+    i1 = gl.minimum(i0 + BM - 1, S - 1)
+    head0 = i_kv * (Hq // Hkv) + i_hg * HG
+    n_sel, n_list, n_t, j_lo, j_hi, j_start, t1, t2 = _tiles(
+        cnt_ptr, i_bh, i0, i1, S, K, W, CAUSAL, BM, HG, BN, flat)
+
+    o_m = WG * M2 + gl.arange(0, M2, layout=row_s)
+    q_pos = i0 + o_m % BM
+    m_q = q_pos < S
+    sel = i_bh.to(gl.int64) * S + q_pos
+    tau = gl.load(tau_ptr + sel, mask=m_q, other=0.0)
+    rk = gl.load(rk_ptr + sel, mask=m_q, other=-1)
+    cnt = gl.load(cnt_ptr + sel, mask=m_q, other=0)
+    # List tiles below n_all are selected whole by each of this warpgroup's queries.
+    n_all = gl.min(gl.where(m_q, cnt, K), axis=0) // BN
+
+    q_w = q_smem.index(WG)
+    m_i = gl.full([M2], float("-inf"), gl.float32, row_s)
+    l_i = gl.zeros([M2], gl.float32, row_s)
+    acc = gl.zeros([M2, D], gl.float32, o_layout)
+    s_zero = gl.zeros([M2, BN], gl.float32, s_layout)
+
+    # Step 0: the logits of tile 0 and their softmax; no value product yet.
+    mbarrier.wait(bars.index(K_READY * STAGES), 0)
+    fence_async_shared()  # cp.async wrote the slot; the products read it
+    s = warpgroup_mma(q_w, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
+                      is_async=True)
+    m_i, l_i, alpha, p = _fold(0, s, m_i, l_i, u_smem, r_smem, q_pos, tau, rk, cnt, n_all,
+                               n_list, j_start, j_lo, j_hi, t1, t2, W, qk_scale, 0, CAUSAL,
+                               BN, STAGES, s_layout, dtype)
+    mbarrier.arrive(bars.index(K_FREE * STAGES), count=1)
+    # Step t: logits of tile t and the value product of tile t - 1 on the tensor cores,
+    # tile t's gates and softmax meanwhile; then free tile t's keys and tile t - 1's
+    # values.
+    for t in range(1, n_t):
+        slot = t % STAGES
+        prev = (t - 1) % STAGES
+        mbarrier.wait(bars.index(K_READY * STAGES + slot), (t // STAGES) & 1)
+        mbarrier.wait(bars.index(V_READY * STAGES + prev), ((t - 1) // STAGES) & 1)
+        fence_async_shared()
+        s = warpgroup_mma(q_w, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
+                          is_async=True)
+        acc = warpgroup_mma(gl.convert_layout(p, p_layout), v_smem.index(prev), acc,
+                            is_async=True)
+        m_i, l_i, alpha, p = _fold(t, s, m_i, l_i, u_smem, r_smem, q_pos, tau, rk, cnt,
+                                   n_all, n_list, j_start, j_lo, j_hi, t1, t2, W, qk_scale,
+                                   1, CAUSAL, BN, STAGES, s_layout, dtype)
+        mbarrier.arrive(bars.index(K_FREE * STAGES + slot), count=1)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(bars.index(V_FREE * STAGES + prev), count=1)
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+
+    last = (n_t - 1) % STAGES
+    mbarrier.wait(bars.index(V_READY * STAGES + last), ((n_t - 1) // STAGES) & 1)
+    fence_async_shared()
+    acc = warpgroup_mma(gl.convert_layout(p, p_layout), v_smem.index(last), acc,
+                        is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+
+    # o and lse straight from the product's layout (no shared-memory round trip).
+    has = l_i > 0
+    l_o = gl.convert_layout(gl.where(has, l_i, 1.0), row_o)
+    o = (acc / l_o[:, None]).to(dtype)
+    q_base = (i_b * Hq + head0).to(gl.int64) * S
+    o_mo = WG * M2 + gl.arange(0, M2, layout=row_o)
+    q_pos_o = i0 + o_mo % BM
+    o_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    o_off = (((o_mo // BM) * S + q_pos_o).to(gl.int64) * D)[:, None] + o_d[None, :]
+    gl.store(o_ptr + q_base * D + o_off, o, mask=(q_pos_o < S)[:, None])
+    m_use = gl.where(m_i == float("-inf"), 0.0, m_i)
+    lse = gl.where(has, (m_use + gl.log2(gl.where(has, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    gl.store(lse_ptr + q_base + (o_m // BM) * S + q_pos, lse, mask=m_q)
+
+
+@gluon.jit
+def _consumer0(q_smem, k_smem, v_smem, u_smem, r_smem, bars, tau_ptr, rk_ptr, cnt_ptr,
+               o_ptr, lse_ptr, S, Hq, Hkv, K, W, qk_scale, ROW0: gl.constexpr,
+               CAUSAL: gl.constexpr, BM: gl.constexpr, HG: gl.constexpr, BN: gl.constexpr,
+               D: gl.constexpr, STAGES: gl.constexpr):
+    _consumer(q_smem, k_smem, v_smem, u_smem, r_smem, bars, tau_ptr, rk_ptr, cnt_ptr,
+              o_ptr, lse_ptr, S, Hq, Hkv, K, W, qk_scale, 0, ROW0, CAUSAL, BM, HG, BN, D,
+              STAGES)
+
+
+@gluon.jit
+def _consumer1(q_smem, k_smem, v_smem, u_smem, r_smem, bars, tau_ptr, rk_ptr, cnt_ptr,
+               o_ptr, lse_ptr, S, Hq, Hkv, K, W, qk_scale, ROW0: gl.constexpr,
+               CAUSAL: gl.constexpr, BM: gl.constexpr, HG: gl.constexpr, BN: gl.constexpr,
+               D: gl.constexpr, STAGES: gl.constexpr):
+    _consumer(q_smem, k_smem, v_smem, u_smem, r_smem, bars, tau_ptr, rk_ptr, cnt_ptr,
+              o_ptr, lse_ptr, S, Hq, Hkv, K, W, qk_scale, 1, ROW0, CAUSAL, BM, HG, BN, D,
+              STAGES)
+
+
+@gluon.jit
+def sparsek_attn_fwd_ws(
+    q_ptr, k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, tau_ptr, rk_ptr, cnt_ptr, o_ptr, lse_ptr,
+    S, Hq, Hkv, NBG, K, W, qk_scale,
+    ROW0: gl.constexpr, CAUSAL: gl.constexpr, BM: gl.constexpr, HG: gl.constexpr,
+    BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
+):
+    """o [B, Hq, S, D] and lse [B, Hq, S] for one block of queries; arguments as in
+    ``triton_attn.sparsek_attn_fwd_kernel``. num_warps = 4 (the first consumer); the
+    second consumer and the producer add four warps each."""
+    M: gl.constexpr = HG * BM
+    M2: gl.constexpr = M // 2
+    dtype: gl.constexpr = q_ptr.dtype.element_ty
+    ld: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [num_warps, 1],
+                                        [1, 0])
+    smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
+                                              rank=2)
+    flat: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+
+    i_blk = gl.program_id(0)
+    i_bh = ROW0 + gl.program_id(1)
+    i_hg = gl.program_id(2)
+    i_b = i_bh // Hkv
+    i_kv = i_bh % Hkv
+    i0 = i_blk * BM
+    head0 = i_kv * (Hq // Hkv) + i_hg * HG
+    q_base = (i_b * Hq + head0).to(gl.int64) * S * D
+
+    # The block's queries, each consumer's half in its own slot.
+    q_smem = gl.allocate_shared_memory(dtype, [2, M2, D], smem)
+    o_m = gl.arange(0, M2, layout=gl.SliceLayout(1, ld))
+    o_d = gl.arange(0, D, layout=gl.SliceLayout(0, ld))
+    for wg in gl.static_range(2):
+        r = wg * M2 + o_m
+        q_pos = i0 + r % BM
+        q_off = (((r // BM) * S + q_pos) * D)[:, None] + o_d[None, :]
+        q_smem.index(wg).store(gl.load(q_ptr + q_base + q_off, mask=(q_pos < S)[:, None],
+                                       other=0.0))
+    fence_async_shared()
+
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], smem)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], smem)
+    u_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BN], flat)
+    r_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BN], flat)
+    # Four barriers a slot (bars.index(kind * STAGES + slot)): its keys ready, its values
+    # ready (one arrival per producer thread), its keys free, its values free (one per
+    # consumer).
+    bars = gl.allocate_shared_memory(gl.int64, [4 * STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(K_READY * STAGES + i), count=128)
+        mbarrier.init(bars.index(V_READY * STAGES + i), count=128)
+        mbarrier.init(bars.index(K_FREE * STAGES + i), count=2)
+        mbarrier.init(bars.index(V_FREE * STAGES + i), count=2)
+    gl.thread_barrier()
+
+    gl.warp_specialize([
+        (_consumer0, (q_smem, k_smem, v_smem, u_smem, r_smem, bars, tau_ptr, rk_ptr,
+                      cnt_ptr, o_ptr, lse_ptr, S, Hq, Hkv, K, W, qk_scale, ROW0, CAUSAL, BM,
+                      HG, BN, D, STAGES)),
+        (_consumer1, (q_smem, k_smem, v_smem, u_smem, r_smem, bars, tau_ptr, rk_ptr,
+                      cnt_ptr, o_ptr, lse_ptr, S, Hq, Hkv, K, W, qk_scale, ROW0, CAUSAL, BM,
+                      HG, BN, D, STAGES)),
+        (_producer, (k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, k_smem, v_smem, u_smem,
+                     r_smem, bars, S, NBG, K, W, ROW0, CAUSAL, BM, HG, BN, D,
+                     STAGES)),
+    ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+# (keys per tile, shared-memory slots, consumer registers, producer registers), tuned per
+# shape. The kernel's register cap (maxnreg) is what the three warpgroups share:
+# 65536 registers an SM over 384 threads, rounded down to 8 -> 168.
+WS_CONFIGS = [(64, 4, 224, 56), (64, 5, 224, 56), (64, 3, 224, 56)]
+WS_MAXNREG = 168
+ROWS = 128  # rows a program: 64 a consumer warpgroup (a warpgroup product's height)
+
+
+def supported(q: torch.Tensor, rows: int) -> bool:
+    """Whether this kernel serves q with programs of `rows` rows: float16 or bfloat16 on
+    a Hopper GPU, 128 rows a program."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and rows == ROWS
+            and torch.cuda.get_device_capability(q.device) == (9, 0))
+
+
+def launch_kwargs(block_n: int, stages: int, consumer_regs: int = 224,
+                  producer_regs: int = 56) -> dict:
+    """Launch options of one tile: block_n keys a step, stages (>= 2) shared-memory slots,
+    and the registers of each consumer and of the producer (multiples of 8, 24 to 256;
+    4 * 32 * (2 * consumer + producer) must fit in the SM's 65536 with the kernel's
+    cap)."""
+    if stages < 2:
+        raise ValueError(f"the warp-specialized attention kernel needs at least 2 "
+                         f"shared-memory slots; got {stages}")
+    return dict(BN=block_n, STAGES=stages, CONSUMER_REGS=consumer_regs,
+                PRODUCER_REGS=producer_regs, num_warps=4, maxnreg=WS_MAXNREG)
+
+
+_TUNED: list = []
+
+
+def tuned():
+    """The kernel tuned over WS_CONFIGS."""
+    if not _TUNED:
+        _TUNED.append(triton.autotune(
+            configs=[triton.Config({"BN": bn, "STAGES": st, "CONSUMER_REGS": c,
+                                    "PRODUCER_REGS": p}, num_warps=4, maxnreg=WS_MAXNREG)
+                     for bn, st, c, p in WS_CONFIGS],
+            key=["S", "Hq", "Hkv", "K", "W", "CAUSAL", "BM", "HG", "D"],
+        )(sparsek_attn_fwd_ws))
+    return _TUNED[0]
+
+
+def tuners() -> list:
+    """The tuned kernel, if made."""
+    return list(_TUNED)
