@@ -269,7 +269,12 @@ def tuned_attention_configs() -> str:
     from sparsek import triton_fwd
     from sparsek.triton_attn import sparsek_attn_fwd_tuned
 
-    lines = [f"attention kernel for {key[2:9]} (B, Hq, S, D, Hkv, K, W): {pick}"
+    times = triton_fwd.attention_pick_times()
+
+    def timed(key) -> str:
+        return "".join(f", {name} {ms:.3f} ms" for name, ms in times.get(key, {}).items())
+
+    lines = [f"attention kernel for {key[2:9]} (B, Hq, S, D, Hkv, K, W): {pick}{timed(key)}"
              for key, pick in triton_fwd.attention_picks().items()]
     tuners = [("triton", sparsek_attn_fwd_tuned)]
     if triton_fwd.gluon_attention() is not None:

@@ -492,6 +492,8 @@ def run_attention(kernel, launches, args: tuple, fixed: dict, **launch):
 # The attention kernel picked per shape (see launch_forward for the key): "triton",
 # "gluon" or "ws".
 _ATTENTION_PICKS: dict[tuple, str] = {}
+# The median milliseconds each candidate took when the pick was made, per shape.
+_PICK_TIMES: dict[tuple, dict[str, float]] = {}
 
 
 @functools.cache
@@ -527,6 +529,11 @@ def attention_picks() -> dict[tuple, str]:
     return dict(_ATTENTION_PICKS)
 
 
+def attention_pick_times() -> dict[tuple, dict[str, float]]:
+    """For each shape picked among several kernels: each one's median milliseconds."""
+    return {key: dict(times) for key, times in _PICK_TIMES.items()}
+
+
 # A candidate replaces the first (default) attention kernel only when it is faster by more
 # than this fraction: on gpt4-4k the two kernels tie within 1-2%, and a pick made on such
 # a margin came out 6% slower inside the forward (7.41 against 6.99 ms on the H100).
@@ -550,6 +557,7 @@ def _pick_attention(key: tuple, runs: dict) -> str:
             best = min(times, key=times.get)
             if times[best] < (1 - PICK_MARGIN) * times[pick]:
                 pick = best
+            _PICK_TIMES[key] = times
         _ATTENTION_PICKS[key] = pick
     return _ATTENTION_PICKS[key]
 
