@@ -51,6 +51,22 @@ def _positions(t, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, BN: gl.constexpr
 
 
 @gluon.jit
+def _program(S, Hq, Hkv, ROW0: gl.constexpr, BM: gl.constexpr, HG: gl.constexpr):
+    """This program's block and rows (grid as in triton_fwd.attention_launch): (i_blk,
+    i_bh, i_b, i0, i1, head0): the query block, its (batch, kv head) row and batch, the
+    block's first and last query, and the first of the HG query heads it serves."""
+    i_blk = gl.program_id(0)
+    i_bh = ROW0 + gl.program_id(1)
+    i_hg = gl.program_id(2)
+    i_b = i_bh // Hkv
+    i_kv = i_bh % Hkv
+    i0 = i_blk * BM
+    i1 = gl.minimum(i0 + BM - 1, S - 1)
+    head0 = i_kv * (Hq // Hkv) + i_hg * HG
+    return i_blk, i_bh, i_b, i0, i1, head0
+
+
+@gluon.jit
 def _issue(t, pos, m, k_base, v_base, u_row, rank_row, k_smem, v_smem, u_smem, r_smem,
            D: gl.constexpr, STAGES: gl.constexpr, ld: gl.constexpr):
     """Start copying tile t's key rows into key slot t % (STAGES - 1), and its value rows,
@@ -85,11 +101,25 @@ def _advance(t, pos, m, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, k_base, v_
 
 
 @gluon.jit
+def _round_pairs(p, dtype: gl.constexpr):
+    """p (float32) rounded to dtype two elements an instruction (the compiler's own
+    conversion takes one, plus a byte permute to pack the pair)."""
+    if dtype == gl.bfloat16:
+        return gl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [p],
+                                         dtype=gl.bfloat16, is_pure=True, pack=2)
+    else:
+        return gl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [p],
+                                         dtype=gl.float16, is_pure=True, pack=2)
+
+
+@gluon.jit
 def _softmax(s, g, keep, m_i, l_i, qk_scale, dtype: gl.constexpr, GATED: gl.constexpr,
-             MASKED: gl.constexpr):
+             MASKED: gl.constexpr, LEAN: gl.constexpr):
     """Fold raw logits s [M, BN] into the running (m, l) (log2 units): keys where keep is
     False drop out (MASKED), the rest weigh g (GATED; else 1). Returns (m, l, alpha, p)
-    with p in dtype."""
+    with p in dtype. l sums the weights as rounded for the value product (as the Triton
+    kernel), or with LEAN before rounding, which then takes two elements an instruction:
+    two instructions an element fewer."""
     if MASKED:
         s = gl.where(keep, s, float("-inf"))
     # The scale is positive, so it commutes with the row maximum, and the exponent is one
@@ -100,57 +130,87 @@ def _softmax(s, g, keep, m_i, l_i, qk_scale, dtype: gl.constexpr, GATED: gl.cons
     p = gl.exp2(s * qk_scale - m_use[:, None])
     if GATED:
         p = p * g
-    # Normalized by the weights as rounded for the value product (as the Triton kernel).
-    p = p.to(dtype)
-    l_i = l_i * alpha + gl.sum(p.to(gl.float32), axis=1)
+    if LEAN:
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        p = _round_pairs(p, dtype)
+    else:
+        p = p.to(dtype)
+        l_i = l_i * alpha + gl.sum(p.to(gl.float32), axis=1)
     return m_new, l_i, alpha, p
+
+
+@gluon.jit
+def _list_gate(b_u, tau, o_n, t, cnt, BN: gl.constexpr, WHOLE: gl.constexpr):
+    """Gates of list tile t (entries t * BN + o_n, scores b_u): clip(u - tau, 0, 1) for
+    the queries whose count covers the entry, else 0; WHOLE where every count covers the
+    tile, so every gate is u - tau > 0, capped."""
+    if WHOLE:
+        return gl.minimum(b_u[None, :] - tau[:, None], 1.0)
+    soft = gl.minimum(gl.maximum(b_u[None, :] - tau[:, None], 0.0), 1.0)
+    return gl.where((t * BN + o_n)[None, :] < cnt[:, None], soft, 0.0)
 
 
 @gluon.jit
 def _fold_tile(t, s, m_i, l_i, u_smem, r_smem, q_pos, tau, rk, cnt, n_all, n_list, j_start,
                j_lo, j_hi, t1, t2, W, qk_scale, OUT: gl.constexpr, CAUSAL: gl.constexpr,
                BN: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
-               dtype: gl.constexpr):
+               dtype: gl.constexpr, LEAN: gl.constexpr):
     """Wait for tile t's logits s (until OUT products are in flight) and fold them in.
 
-    The gates are computed while the product runs, and only as far as the tile needs:
-    list tiles that every query selects whole take clip(u - tau, -, 1) with no mask;
-    dense tiles inside every query's window take nothing; the causal diagonal a mask by
-    position; the rest the general gate (window -> 1, selected -> clip(u - tau, 0, 1),
-    else 0)."""
+    The gates are computed only as far as the tile needs: list tiles that every query
+    selects whole take clip(u - tau, -, 1) with no mask; dense tiles inside every query's
+    window take nothing; the causal diagonal a mask by position; the rest the general gate
+    (window -> 1, selected -> clip(u - tau, 0, 1), else 0). They are computed while the
+    product runs, or with LEAN after the wait (fewer registers live across it; LEAN also
+    picks _softmax's lean form)."""
     col: gl.constexpr = gl.SliceLayout(0, s_layout)
     o_n = gl.arange(0, BN, layout=col)
     slot = t % STAGES
     if t < n_all:
-        # Each query's list count covers the tile, so every gate is u - tau > 0, capped.
-        g = gl.minimum(u_smem.index(slot).load(col)[None, :] - tau[:, None], 1.0)
+        b_u = u_smem.index(slot).load(col)
+        if not LEAN:
+            g = _list_gate(b_u, tau, o_n, t, cnt, BN, True)
         x = warpgroup_mma_wait(num_outstanding=OUT, deps=(s,))
-        m_i, l_i, alpha, p = _softmax(x, g, g, m_i, l_i, qk_scale, dtype, True, False)
+        if LEAN:
+            g = _list_gate(b_u, tau, o_n, t, cnt, BN, True)
+        m_i, l_i, alpha, p = _softmax(x, g, g, m_i, l_i, qk_scale, dtype, True, False, LEAN)
     elif t < n_list:
         b_u = u_smem.index(slot).load(col)
-        soft = gl.minimum(gl.maximum(b_u[None, :] - tau[:, None], 0.0), 1.0)
-        # List entry n is selected by the queries with n < cnt.
-        g = gl.where((t * BN + o_n)[None, :] < cnt[:, None], soft, 0.0)
+        if not LEAN:
+            g = _list_gate(b_u, tau, o_n, t, cnt, BN, False)
         x = warpgroup_mma_wait(num_outstanding=OUT, deps=(s,))
-        m_i, l_i, alpha, p = _softmax(x, g, g > 0, m_i, l_i, qk_scale, dtype, True, True)
+        if LEAN:
+            g = _list_gate(b_u, tau, o_n, t, cnt, BN, False)
+        m_i, l_i, alpha, p = _softmax(x, g, g > 0, m_i, l_i, qk_scale, dtype, True, True,
+                                      LEAN)
     else:
         j0 = j_start + (t - n_list) * BN
         o_j = j0 + o_n
         if (j0 >= t1) & (j0 < t2):
             x = warpgroup_mma_wait(num_outstanding=OUT, deps=(s,))
-            m_i, l_i, alpha, p = _softmax(x, x, x, m_i, l_i, qk_scale, dtype, False, False)
+            m_i, l_i, alpha, p = _softmax(x, x, x, m_i, l_i, qk_scale, dtype, False, False,
+                                          LEAN)
         elif CAUSAL & (j0 >= t2):
-            keep = (q_pos[:, None] >= o_j[None, :]) & (o_j <= j_hi)[None, :]
+            if not LEAN:
+                keep = (q_pos[:, None] >= o_j[None, :]) & (o_j <= j_hi)[None, :]
             x = warpgroup_mma_wait(num_outstanding=OUT, deps=(s,))
+            if LEAN:
+                keep = (q_pos[:, None] >= o_j[None, :]) & (o_j <= j_hi)[None, :]
             m_i, l_i, alpha, p = _softmax(x, x, keep, m_i, l_i, qk_scale, dtype, False,
-                                          True)
+                                          True, LEAN)
         else:
-            m_j = (o_j >= j_lo) & (o_j <= j_hi)
-            g = dense_gate(q_pos, o_j, m_j, u_smem.index(slot).load(col),
-                           r_smem.index(slot).load(col), tau, rk, W, CAUSAL)
+            if not LEAN:
+                m_j = (o_j >= j_lo) & (o_j <= j_hi)
+            b_u = u_smem.index(slot).load(col)
+            b_r = r_smem.index(slot).load(col)
+            if not LEAN:
+                g = dense_gate(q_pos, o_j, m_j, b_u, b_r, tau, rk, W, CAUSAL)
             x = warpgroup_mma_wait(num_outstanding=OUT, deps=(s,))
+            if LEAN:
+                m_j = (o_j >= j_lo) & (o_j <= j_hi)
+                g = dense_gate(q_pos, o_j, m_j, b_u, b_r, tau, rk, W, CAUSAL)
             m_i, l_i, alpha, p = _softmax(x, g, g > 0, m_i, l_i, qk_scale, dtype, True,
-                                          True)
+                                          True, LEAN)
     return m_i, l_i, alpha, p
 
 
@@ -177,14 +237,7 @@ def sparsek_attn_fwd_gluon(
     smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
                                               rank=2)
 
-    i_blk = gl.program_id(0)
-    i_bh = ROW0 + gl.program_id(1)
-    i_hg = gl.program_id(2)
-    i_b = i_bh // Hkv
-    i_kv = i_bh % Hkv
-    i0 = i_blk * BM
-    i1 = gl.minimum(i0 + BM - 1, S - 1)
-    head0 = i_kv * (Hq // Hkv) + i_hg * HG
+    i_blk, i_bh, i_b, i0, i1, head0 = _program(S, Hq, Hkv, ROW0, BM, HG)
     q_base = (i_b * Hq + head0).to(gl.int64) * S * D
     kv_row = i_bh.to(gl.int64) * S
     k_base = k_ptr + kv_row * D
@@ -254,7 +307,7 @@ def sparsek_attn_fwd_gluon(
                       is_async=True)
     m_i, l_i, alpha, p = _fold_tile(0, s, m_i, l_i, u_smem, r_smem, q_pos, tau, rk, cnt,
                                     n_all, n_list, j_start, j_lo, j_hi, t1, t2, W, qk_scale,
-                                    0, CAUSAL, BN, STAGES, s_layout, dtype)
+                                    0, CAUSAL, BN, STAGES, s_layout, dtype, False)
     for t in range(1, n_t):
         pos, m = _advance(t, pos, m, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, k_base,
                           v_base, u_row, rank_row, k_smem, v_smem, u_smem, r_smem, BN, D,
@@ -265,7 +318,8 @@ def sparsek_attn_fwd_gluon(
                             v_smem.index((t - 1) % STAGES), acc, is_async=True)
         m_i, l_i, alpha, p = _fold_tile(t, s, m_i, l_i, u_smem, r_smem, q_pos, tau, rk, cnt,
                                         n_all, n_list, j_start, j_lo, j_hi, t1, t2, W,
-                                        qk_scale, 1, CAUSAL, BN, STAGES, s_layout, dtype)
+                                        qk_scale, 1, CAUSAL, BN, STAGES, s_layout, dtype,
+                                        False)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
 

@@ -37,91 +37,14 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from sparsek.gluon_attn import _positions
-from sparsek.triton_attn import dense_gate, dense_range
+from sparsek.gluon_attn import _fold_tile, _positions, _program
+from sparsek.triton_attn import dense_range
 
 # The kinds of barrier of a ring slot.
 K_READY = gl.constexpr(0)
 V_READY = gl.constexpr(1)
 K_FREE = gl.constexpr(2)
 V_FREE = gl.constexpr(3)
-
-
-@gluon.jit
-def _round(p, dtype: gl.constexpr):
-    """p (float32) rounded to dtype two elements an instruction (the compiler's own
-    conversion takes one, plus a byte permute to pack the pair)."""
-    if dtype == gl.bfloat16:
-        return gl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [p],
-                                         dtype=gl.bfloat16, is_pure=True, pack=2)
-    else:
-        return gl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [p],
-                                         dtype=gl.float16, is_pure=True, pack=2)
-
-
-@gluon.jit
-def _softmax(x, g, keep, m_i, l_i, qk_scale, dtype: gl.constexpr, GATED: gl.constexpr,
-             MASKED: gl.constexpr):
-    """Fold raw logits x [M, BN] into the running (m, l) (log2 units): keys where keep is
-    False drop out (MASKED), the rest weigh g (GATED; else 1). Returns (m, l, alpha, p)
-    with p rounded to dtype for the value product; l sums the weights before rounding."""
-    if MASKED:
-        x = gl.where(keep, x, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(x, axis=1) * qk_scale)
-    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = gl.exp2(m_i - m_use)
-    p = gl.exp2(x * qk_scale - m_use[:, None])
-    if GATED:
-        p = p * g
-    l_i = l_i * alpha + gl.sum(p, axis=1)
-    return m_new, l_i, alpha, _round(p, dtype)
-
-
-@gluon.jit
-def _fold(t, s, m_i, l_i, u_smem, r_smem, q_pos, tau, rk, cnt, n_all, n_list, j_start, j_lo,
-          j_hi, t1, t2, W, qk_scale, OUT: gl.constexpr, CAUSAL: gl.constexpr,
-          BN: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
-          dtype: gl.constexpr):
-    """Wait for tile t's logits s (until OUT products are in flight) and fold them in,
-    with gates only as far as the tile needs (as gluon_attn's _fold_tile; here the gates
-    are computed after the wait, which keeps fewer registers live across it): list tiles
-    every query selects whole take clip(u - tau, -, 1) unmasked, dense tiles inside every
-    window nothing, the causal diagonal a mask by position, the rest the general gate."""
-    col: gl.constexpr = gl.SliceLayout(0, s_layout)
-    o_n = gl.arange(0, BN, layout=col)
-    slot = t % STAGES
-    if t < n_all:
-        b_u = u_smem.index(slot).load(col)
-        x = warpgroup_mma_wait(num_outstanding=OUT, deps=(s,))
-        g = gl.minimum(b_u[None, :] - tau[:, None], 1.0)
-        m_i, l_i, alpha, p = _softmax(x, g, g, m_i, l_i, qk_scale, dtype, True, False)
-    elif t < n_list:
-        b_u = u_smem.index(slot).load(col)
-        x = warpgroup_mma_wait(num_outstanding=OUT, deps=(s,))
-        soft = gl.minimum(gl.maximum(b_u[None, :] - tau[:, None], 0.0), 1.0)
-        # List entry n is selected by the queries with n < cnt.
-        g = gl.where((t * BN + o_n)[None, :] < cnt[:, None], soft, 0.0)
-        m_i, l_i, alpha, p = _softmax(x, g, g > 0, m_i, l_i, qk_scale, dtype, True, True)
-    else:
-        j0 = j_start + (t - n_list) * BN
-        o_j = j0 + o_n
-        if (j0 >= t1) & (j0 < t2):
-            x = warpgroup_mma_wait(num_outstanding=OUT, deps=(s,))
-            m_i, l_i, alpha, p = _softmax(x, x, x, m_i, l_i, qk_scale, dtype, False, False)
-        elif CAUSAL & (j0 >= t2):
-            x = warpgroup_mma_wait(num_outstanding=OUT, deps=(s,))
-            keep = (q_pos[:, None] >= o_j[None, :]) & (o_j <= j_hi)[None, :]
-            m_i, l_i, alpha, p = _softmax(x, x, keep, m_i, l_i, qk_scale, dtype, False,
-                                          True)
-        else:
-            b_u = u_smem.index(slot).load(col)
-            b_r = r_smem.index(slot).load(col)
-            x = warpgroup_mma_wait(num_outstanding=OUT, deps=(s,))
-            m_j = (o_j >= j_lo) & (o_j <= j_hi)
-            g = dense_gate(q_pos, o_j, m_j, b_u, b_r, tau, rk, W, CAUSAL)
-            m_i, l_i, alpha, p = _softmax(x, g, g > 0, m_i, l_i, qk_scale, dtype, True,
-                                          True)
-    return m_i, l_i, alpha, p
 
 
 @gluon.jit
@@ -143,17 +66,14 @@ def _tiles(cnt_ptr, i_bh, i0, i1, S, K, W, CAUSAL: gl.constexpr, BM: gl.constexp
 
 @gluon.jit
 def _producer(k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, k_smem, v_smem, u_smem, r_smem,
-              bars, S, NBG, K, W, ROW0: gl.constexpr, CAUSAL: gl.constexpr,
+              bars, S, Hq, Hkv, NBG, K, W, ROW0: gl.constexpr, CAUSAL: gl.constexpr,
               BM: gl.constexpr, HG: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
               STAGES: gl.constexpr):
     """Copy tile t's keys (with their scores and sort ranks) and its values into slot
     t % STAGES of their rings, each once the consumers have freed it."""
     # Copies move 16 bytes a thread along D, four warps.
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [4, 1], [1, 0])
-    i_blk = gl.program_id(0)
-    i_bh = ROW0 + gl.program_id(1)
-    i0 = i_blk * BM
-    i1 = gl.minimum(i0 + BM - 1, S - 1)
+    i_blk, i_bh, i_b, i0, i1, head0 = _program(S, Hq, Hkv, ROW0, BM, HG)
     rows: gl.constexpr = gl.SliceLayout(1, ld)
     n_sel, n_list, n_t, j_lo, j_hi, j_start, t1, t2 = _tiles(
         cnt_ptr, i_bh, i0, i1, S, K, W, CAUSAL, BM, HG, BN, rows)
@@ -208,14 +128,7 @@ def _consumer(q_smem, k_smem, v_smem, u_smem, r_smem, bars, tau_ptr, rk_ptr, cnt
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     flat: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
 
-    i_blk = gl.program_id(0)
-    i_bh = ROW0 + gl.program_id(1)
-    i_hg = gl.program_id(2)
-    i_b = i_bh // Hkv
-    i_kv = i_bh % Hkv
-    i0 = i_blk * BM
-    i1 = gl.minimum(i0 + BM - 1, S - 1)
-    head0 = i_kv * (Hq // Hkv) + i_hg * HG
+    i_blk, i_bh, i_b, i0, i1, head0 = _program(S, Hq, Hkv, ROW0, BM, HG)
     n_sel, n_list, n_t, j_lo, j_hi, j_start, t1, t2 = _tiles(
         cnt_ptr, i_bh, i0, i1, S, K, W, CAUSAL, BM, HG, BN, flat)
 
@@ -240,9 +153,9 @@ def _consumer(q_smem, k_smem, v_smem, u_smem, r_smem, bars, tau_ptr, rk_ptr, cnt
     fence_async_shared()  # cp.async wrote the slot; the products read it
     s = warpgroup_mma(q_w, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
                       is_async=True)
-    m_i, l_i, alpha, p = _fold(0, s, m_i, l_i, u_smem, r_smem, q_pos, tau, rk, cnt, n_all,
-                               n_list, j_start, j_lo, j_hi, t1, t2, W, qk_scale, 0, CAUSAL,
-                               BN, STAGES, s_layout, dtype)
+    m_i, l_i, alpha, p = _fold_tile(0, s, m_i, l_i, u_smem, r_smem, q_pos, tau, rk, cnt,
+                                    n_all, n_list, j_start, j_lo, j_hi, t1, t2, W, qk_scale,
+                                    0, CAUSAL, BN, STAGES, s_layout, dtype, True)
     mbarrier.arrive(bars.index(K_FREE * STAGES), count=1)
     # Step t: logits of tile t and the value product of tile t - 1 on the tensor cores,
     # tile t's gates and softmax meanwhile; then free tile t's keys and tile t - 1's
@@ -257,9 +170,10 @@ def _consumer(q_smem, k_smem, v_smem, u_smem, r_smem, bars, tau_ptr, rk_ptr, cnt
                           is_async=True)
         acc = warpgroup_mma(gl.convert_layout(p, p_layout), v_smem.index(prev), acc,
                             is_async=True)
-        m_i, l_i, alpha, p = _fold(t, s, m_i, l_i, u_smem, r_smem, q_pos, tau, rk, cnt,
-                                   n_all, n_list, j_start, j_lo, j_hi, t1, t2, W, qk_scale,
-                                   1, CAUSAL, BN, STAGES, s_layout, dtype)
+        m_i, l_i, alpha, p = _fold_tile(t, s, m_i, l_i, u_smem, r_smem, q_pos, tau, rk,
+                                        cnt, n_all, n_list, j_start, j_lo, j_hi, t1, t2, W,
+                                        qk_scale, 1, CAUSAL, BN, STAGES, s_layout, dtype,
+                                        True)
         mbarrier.arrive(bars.index(K_FREE * STAGES + slot), count=1)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(bars.index(V_FREE * STAGES + prev), count=1)
@@ -289,26 +203,6 @@ def _consumer(q_smem, k_smem, v_smem, u_smem, r_smem, bars, tau_ptr, rk_ptr, cnt
 
 
 @gluon.jit
-def _consumer0(q_smem, k_smem, v_smem, u_smem, r_smem, bars, tau_ptr, rk_ptr, cnt_ptr,
-               o_ptr, lse_ptr, S, Hq, Hkv, K, W, qk_scale, ROW0: gl.constexpr,
-               CAUSAL: gl.constexpr, BM: gl.constexpr, HG: gl.constexpr, BN: gl.constexpr,
-               D: gl.constexpr, STAGES: gl.constexpr):
-    _consumer(q_smem, k_smem, v_smem, u_smem, r_smem, bars, tau_ptr, rk_ptr, cnt_ptr,
-              o_ptr, lse_ptr, S, Hq, Hkv, K, W, qk_scale, 0, ROW0, CAUSAL, BM, HG, BN, D,
-              STAGES)
-
-
-@gluon.jit
-def _consumer1(q_smem, k_smem, v_smem, u_smem, r_smem, bars, tau_ptr, rk_ptr, cnt_ptr,
-               o_ptr, lse_ptr, S, Hq, Hkv, K, W, qk_scale, ROW0: gl.constexpr,
-               CAUSAL: gl.constexpr, BM: gl.constexpr, HG: gl.constexpr, BN: gl.constexpr,
-               D: gl.constexpr, STAGES: gl.constexpr):
-    _consumer(q_smem, k_smem, v_smem, u_smem, r_smem, bars, tau_ptr, rk_ptr, cnt_ptr,
-              o_ptr, lse_ptr, S, Hq, Hkv, K, W, qk_scale, 1, ROW0, CAUSAL, BM, HG, BN, D,
-              STAGES)
-
-
-@gluon.jit
 def sparsek_attn_fwd_ws(
     q_ptr, k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, tau_ptr, rk_ptr, cnt_ptr, o_ptr, lse_ptr,
     S, Hq, Hkv, NBG, K, W, qk_scale,
@@ -328,13 +222,7 @@ def sparsek_attn_fwd_ws(
                                               rank=2)
     flat: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
 
-    i_blk = gl.program_id(0)
-    i_bh = ROW0 + gl.program_id(1)
-    i_hg = gl.program_id(2)
-    i_b = i_bh // Hkv
-    i_kv = i_bh % Hkv
-    i0 = i_blk * BM
-    head0 = i_kv * (Hq // Hkv) + i_hg * HG
+    i_blk, i_bh, i_b, i0, i1, head0 = _program(S, Hq, Hkv, ROW0, BM, HG)
     q_base = (i_b * Hq + head0).to(gl.int64) * S * D
 
     # The block's queries, each consumer's half in its own slot.
@@ -365,14 +253,14 @@ def sparsek_attn_fwd_ws(
     gl.thread_barrier()
 
     gl.warp_specialize([
-        (_consumer0, (q_smem, k_smem, v_smem, u_smem, r_smem, bars, tau_ptr, rk_ptr,
-                      cnt_ptr, o_ptr, lse_ptr, S, Hq, Hkv, K, W, qk_scale, ROW0, CAUSAL, BM,
-                      HG, BN, D, STAGES)),
-        (_consumer1, (q_smem, k_smem, v_smem, u_smem, r_smem, bars, tau_ptr, rk_ptr,
-                      cnt_ptr, o_ptr, lse_ptr, S, Hq, Hkv, K, W, qk_scale, ROW0, CAUSAL, BM,
-                      HG, BN, D, STAGES)),
+        (_consumer, (q_smem, k_smem, v_smem, u_smem, r_smem, bars, tau_ptr, rk_ptr,
+                     cnt_ptr, o_ptr, lse_ptr, S, Hq, Hkv, K, W, qk_scale, 0, ROW0, CAUSAL,
+                     BM, HG, BN, D, STAGES)),
+        (_consumer, (q_smem, k_smem, v_smem, u_smem, r_smem, bars, tau_ptr, rk_ptr,
+                     cnt_ptr, o_ptr, lse_ptr, S, Hq, Hkv, K, W, qk_scale, 1, ROW0, CAUSAL,
+                     BM, HG, BN, D, STAGES)),
         (_producer, (k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, k_smem, v_smem, u_smem,
-                     r_smem, bars, S, NBG, K, W, ROW0, CAUSAL, BM, HG, BN, D,
+                     r_smem, bars, S, Hq, Hkv, NBG, K, W, ROW0, CAUSAL, BM, HG, BN, D,
                      STAGES)),
     ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
 
