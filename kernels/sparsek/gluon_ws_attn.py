@@ -48,8 +48,8 @@ V_FREE = gl.constexpr(3)
 
 
 @gluon.jit
-def _tiles(cnt_ptr, i_bh, i0, i1, S, K, W, CAUSAL: gl.constexpr, BM: gl.constexpr,
-           HG: gl.constexpr, BN: gl.constexpr, lay: gl.constexpr):
+def _tiles(cnt_ptr, i_bh, i0, i1, S, W, CAUSAL: gl.constexpr, BM: gl.constexpr,
+           BN: gl.constexpr, lay: gl.constexpr):
     """The block's tile plan, the same in every partition: (n_sel, n_list, n_t, j_lo,
     j_hi, j_start, t1, t2). n_sel is the longest list count of the block's queries (list
     entries past it are selected by none)."""
@@ -76,7 +76,7 @@ def _producer(k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, k_smem, v_smem, u_s
     i_blk, i_bh, i_b, i0, i1, head0 = _program(S, Hq, Hkv, ROW0, BM, HG)
     rows: gl.constexpr = gl.SliceLayout(1, ld)
     n_sel, n_list, n_t, j_lo, j_hi, j_start, t1, t2 = _tiles(
-        cnt_ptr, i_bh, i0, i1, S, K, W, CAUSAL, BM, HG, BN, rows)
+        cnt_ptr, i_bh, i0, i1, S, W, CAUSAL, BM, BN, rows)
     kv_row = i_bh.to(gl.int64) * S
     k_base = k_ptr + kv_row * D
     v_base = v_ptr + kv_row * D
@@ -130,7 +130,7 @@ def _consumer(q_smem, k_smem, v_smem, u_smem, r_smem, bars, tau_ptr, rk_ptr, cnt
 
     i_blk, i_bh, i_b, i0, i1, head0 = _program(S, Hq, Hkv, ROW0, BM, HG)
     n_sel, n_list, n_t, j_lo, j_hi, j_start, t1, t2 = _tiles(
-        cnt_ptr, i_bh, i0, i1, S, K, W, CAUSAL, BM, HG, BN, flat)
+        cnt_ptr, i_bh, i0, i1, S, W, CAUSAL, BM, BN, flat)
 
     o_m = WG * M2 + gl.arange(0, M2, layout=row_s)
     q_pos = i0 + o_m % BM
