@@ -67,6 +67,29 @@ def _program(S, Hq, Hkv, ROW0: gl.constexpr, BM: gl.constexpr, HG: gl.constexpr)
 
 
 @gluon.jit
+def _sources(k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, i_bh, i_blk, S, NBG, K, D: gl.constexpr):
+    """Where this program's keys come from: (k_base, v_base, u_row, rank_row, p_g), the
+    (batch, kv head) row of k, v, scores and sort ranks, and the block's list."""
+    kv_row = i_bh.to(gl.int64) * S
+    return (k_ptr + kv_row * D, v_ptr + kv_row * D, u_ptr + kv_row, rank_ptr + kv_row,
+            g_ptr + (i_bh.to(gl.int64) * NBG + i_blk) * K)
+
+
+@gluon.jit
+def _tile_plan(n_sel, i0, i1, S, W, CAUSAL: gl.constexpr, BM: gl.constexpr,
+               BN: gl.constexpr):
+    """The block's tiles: the list's first n_sel entries (the longest count of its
+    queries), then the dense range [j_lo, j_hi] in tiles aligned to i0 (the first one
+    starts at or below j_lo); dense tiles from t1 up to t2 lie inside every query's
+    window. Returns (n_list, n_t, j_lo, j_hi, j_start, t1, t2)."""
+    j_lo, j_hi, j_start, t1, t2 = dense_range(i0, i1, S, W, CAUSAL, BM, BN)
+    n_list = (n_sel + BN - 1) // BN
+    n_dense = gl.maximum(j_hi + 1 - j_start + BN - 1, 0) // BN
+    n_t = gl.maximum(n_list + n_dense, 1)  # an empty block runs one all-masked tile
+    return n_list, n_t, j_lo, j_hi, j_start, t1, t2
+
+
+@gluon.jit
 def _issue(t, pos, m, k_base, v_base, u_row, rank_row, k_smem, v_smem, u_smem, r_smem,
            D: gl.constexpr, STAGES: gl.constexpr, ld: gl.constexpr):
     """Start copying tile t's key rows into key slot t % (STAGES - 1), and its value rows,
@@ -239,12 +262,8 @@ def sparsek_attn_fwd_gluon(
 
     i_blk, i_bh, i_b, i0, i1, head0 = _program(S, Hq, Hkv, ROW0, BM, HG)
     q_base = (i_b * Hq + head0).to(gl.int64) * S * D
-    kv_row = i_bh.to(gl.int64) * S
-    k_base = k_ptr + kv_row * D
-    v_base = v_ptr + kv_row * D
-    u_row = u_ptr + kv_row
-    rank_row = rank_ptr + kv_row
-    p_g = g_ptr + (i_bh.to(gl.int64) * NBG + i_blk) * K
+    k_base, v_base, u_row, rank_row, p_g = _sources(k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr,
+                                                    i_bh, i_blk, S, NBG, K, D)
 
     # The block's queries, rows h * BM + i, in the copy layout (q and o) ...
     o_m_ld = gl.arange(0, M, layout=gl.SliceLayout(1, ld))
@@ -263,16 +282,11 @@ def sparsek_attn_fwd_gluon(
     rk = gl.load(rk_ptr + sel, mask=m_q, other=-1)
     cnt = gl.load(cnt_ptr + sel, mask=m_q, other=0)
 
-    # The tiles: the list's first n_sel entries, then the dense range [j_lo, j_hi] in
-    # tiles aligned to i0 (the first one starts at or below j_lo). Dense tiles from t1 up
-    # to t2 lie inside every query's window; list tiles below n_all are selected whole by
-    # every query.
+    # The tiles (see _tile_plan); list tiles below n_all are selected whole by every query.
     n_sel = gl.max(cnt, axis=0)
-    j_lo, j_hi, j_start, t1, t2 = dense_range(i0, i1, S, W, CAUSAL, BM, BN)
+    n_list, n_t, j_lo, j_hi, j_start, t1, t2 = _tile_plan(n_sel, i0, i1, S, W, CAUSAL, BM,
+                                                          BN)
     n_all = gl.min(gl.where(m_q, cnt, K), axis=0) // BN
-    n_list = (n_sel + BN - 1) // BN
-    n_dense = gl.maximum(j_hi + 1 - j_start + BN - 1, 0) // BN
-    n_t = gl.maximum(n_list + n_dense, 1)  # an empty block runs one all-masked tile
 
     # Keys are done with one step before values (the logits of tile t are waited for in
     # step t, its value product in step t + 1), so their ring has one slot less.

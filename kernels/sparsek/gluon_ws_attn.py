@@ -37,8 +37,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from sparsek.gluon_attn import _fold_tile, _positions, _program
-from sparsek.triton_attn import dense_range
+from sparsek.gluon_attn import _fold_tile, _positions, _program, _sources, _tile_plan
 
 # The kinds of barrier of a ring slot.
 K_READY = gl.constexpr(0)
@@ -51,16 +50,13 @@ V_FREE = gl.constexpr(3)
 def _tiles(cnt_ptr, i_bh, i0, i1, S, W, CAUSAL: gl.constexpr, BM: gl.constexpr,
            BN: gl.constexpr, lay: gl.constexpr):
     """The block's tile plan, the same in every partition: (n_sel, n_list, n_t, j_lo,
-    j_hi, j_start, t1, t2). n_sel is the longest list count of the block's queries (list
-    entries past it are selected by none)."""
-    o_i = gl.arange(0, BM, layout=lay)
-    q_pos = i0 + o_i
+    j_hi, j_start, t1, t2), with n_sel the longest list count of the block's queries
+    (see gluon_attn._tile_plan)."""
+    q_pos = i0 + gl.arange(0, BM, layout=lay)
     cnt = gl.load(cnt_ptr + i_bh.to(gl.int64) * S + q_pos, mask=q_pos < S, other=0)
     n_sel = gl.max(cnt, axis=0)
-    j_lo, j_hi, j_start, t1, t2 = dense_range(i0, i1, S, W, CAUSAL, BM, BN)
-    n_list = (n_sel + BN - 1) // BN
-    n_dense = gl.maximum(j_hi + 1 - j_start + BN - 1, 0) // BN
-    n_t = gl.maximum(n_list + n_dense, 1)  # an empty block runs one all-masked tile
+    n_list, n_t, j_lo, j_hi, j_start, t1, t2 = _tile_plan(n_sel, i0, i1, S, W, CAUSAL, BM,
+                                                          BN)
     return n_sel, n_list, n_t, j_lo, j_hi, j_start, t1, t2
 
 
@@ -77,12 +73,8 @@ def _producer(k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, k_smem, v_smem, u_s
     rows: gl.constexpr = gl.SliceLayout(1, ld)
     n_sel, n_list, n_t, j_lo, j_hi, j_start, t1, t2 = _tiles(
         cnt_ptr, i_bh, i0, i1, S, W, CAUSAL, BM, BN, rows)
-    kv_row = i_bh.to(gl.int64) * S
-    k_base = k_ptr + kv_row * D
-    v_base = v_ptr + kv_row * D
-    u_row = u_ptr + kv_row
-    rank_row = rank_ptr + kv_row
-    p_g = g_ptr + (i_bh.to(gl.int64) * NBG + i_blk) * K
+    k_base, v_base, u_row, rank_row, p_g = _sources(k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr,
+                                                    i_bh, i_blk, S, NBG, K, D)
     o_d = gl.arange(0, D, layout=gl.SliceLayout(0, ld))
 
     # Each tile's rows are read before waiting for its slots, so that read overlaps the
