@@ -153,10 +153,12 @@ def main(argv: list[str] | None = None) -> int:
                 elif kname == "ws":
                     if heads * block_m != ws_attn.ROWS:
                         continue
-                    bn, stages, *regs = tile
+                    # Shown as keys x warps x slots x consumer and producer registers.
+                    bn, stages, *cap = tile
                     fixed = triton_fwd.gluon_attention().kernel_args(fixed)
-                    run_kw = ws_attn.launch_kwargs(bn, stages, *regs)
-                    warps = 12
+                    run_kw = ws_attn.launch_kwargs(bn, stages, *cap)
+                    cap = [run_kw["CONSUMER_REGS"], run_kw["PRODUCER_REGS"]]
+                    warps = ws_attn.WARPS
                 else:
                     bn, warps, stages, *cap = tile
                     run_kw = dict(BN=bn, num_warps=warps, num_stages=stages,

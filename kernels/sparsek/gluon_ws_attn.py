@@ -265,6 +265,7 @@ def sparsek_attn_fwd_ws(
 WS_CONFIGS = [(64, 4, 224, 56), (64, 4, 216, 72), (64, 3, 224, 56)]
 WS_MAXNREG = 168
 ROWS = 128  # rows a program: 64 a consumer warpgroup (a warpgroup product's height)
+WARPS = 12  # the first consumer's 4 (num_warps), and 4 each for the second and the producer
 
 
 def supported(q: torch.Tensor, rows: int) -> bool:
@@ -274,15 +275,25 @@ def supported(q: torch.Tensor, rows: int) -> bool:
             and torch.cuda.get_device_capability(q.device) == (9, 0))
 
 
-def launch_kwargs(block_n: int, stages: int, consumer_regs: int = 224,
-                  producer_regs: int = 56) -> dict:
-    """Launch options of one tile: block_n keys a step, stages (>= 2) shared-memory slots,
-    and the registers of each consumer and of the producer (multiples of 8, 24 to 256;
-    4 * 32 * (2 * consumer + producer) must fit in the SM's 65536 with the kernel's
-    cap)."""
+def launch_kwargs(block_n: int, stages: int, consumer_regs: int | None = None,
+                  producer_regs: int | None = None) -> dict:
+    """Launch options of one tile: block_n keys a step, stages (>= 2) ring slots, and the
+    registers of each consumer and of the producer (WS_CONFIGS[0]'s when not given):
+    multiples of 8 from 24 to 256 (setmaxnreg's range), and the three warpgroups
+    together within the kernel's cap, 4 * 32 * (2 * consumer + producer) <= 384 *
+    WS_MAXNREG."""
     if stages < 2:
         raise ValueError(f"the warp-specialized attention kernel needs at least 2 "
                          f"shared-memory slots; got {stages}")
+    consumer_regs = WS_CONFIGS[0][2] if consumer_regs is None else consumer_regs
+    producer_regs = WS_CONFIGS[0][3] if producer_regs is None else producer_regs
+    for name, regs in (("consumer_regs", consumer_regs), ("producer_regs", producer_regs)):
+        if regs % 8 or not 24 <= regs <= 256:
+            raise ValueError(f"{name} must be a multiple of 8 from 24 to 256; got {regs}")
+    if 2 * consumer_regs + producer_regs > 3 * WS_MAXNREG:
+        raise ValueError(f"2 x consumer_regs + producer_regs must be at most "
+                         f"{3 * WS_MAXNREG} (three warpgroups under the kernel's cap of "
+                         f"{WS_MAXNREG} a thread); got 2 x {consumer_regs} + {producer_regs}")
     return dict(BN=block_n, STAGES=stages, CONSUMER_REGS=consumer_regs,
                 PRODUCER_REGS=producer_regs, num_warps=4, maxnreg=WS_MAXNREG)
 
