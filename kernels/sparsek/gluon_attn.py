@@ -76,6 +76,19 @@ def _sources(k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, i_bh, i_blk, S, NBG, K, D: gl
 
 
 @gluon.jit
+def _selection(tau_ptr, rk_ptr, cnt_ptr, i_bh, i0, o_m, S, BM: gl.constexpr):
+    """The per-query selection of program rows o_m (row h * BM + i is query i0 + i):
+    (q_pos, m_q, tau, rk, cnt), with m_q marking queries inside the sequence."""
+    q_pos = i0 + o_m % BM
+    m_q = q_pos < S
+    sel = i_bh.to(gl.int64) * S + q_pos
+    tau = gl.load(tau_ptr + sel, mask=m_q, other=0.0)
+    rk = gl.load(rk_ptr + sel, mask=m_q, other=-1)
+    cnt = gl.load(cnt_ptr + sel, mask=m_q, other=0)
+    return q_pos, m_q, tau, rk, cnt
+
+
+@gluon.jit
 def _tile_plan(n_sel, i0, i1, S, W, CAUSAL: gl.constexpr, BM: gl.constexpr,
                BN: gl.constexpr):
     """The block's tiles: the list's first n_sel entries (the longest count of its
@@ -275,12 +288,7 @@ def sparsek_attn_fwd_gluon(
     q_smem = gl.allocate_shared_memory(dtype, [M, D], smem, value=b_q)
     # ... and in the logits' layout (per-query selection).
     o_m = gl.arange(0, M, layout=row_s)
-    q_pos = i0 + o_m % BM
-    m_q = q_pos < S
-    sel = i_bh.to(gl.int64) * S + q_pos
-    tau = gl.load(tau_ptr + sel, mask=m_q, other=0.0)
-    rk = gl.load(rk_ptr + sel, mask=m_q, other=-1)
-    cnt = gl.load(cnt_ptr + sel, mask=m_q, other=0)
+    q_pos, m_q, tau, rk, cnt = _selection(tau_ptr, rk_ptr, cnt_ptr, i_bh, i0, o_m, S, BM)
 
     # The tiles (see _tile_plan); list tiles below n_all are selected whole by every query.
     n_sel = gl.max(cnt, axis=0)

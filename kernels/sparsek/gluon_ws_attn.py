@@ -37,7 +37,14 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from sparsek.gluon_attn import _fold_tile, _positions, _program, _sources, _tile_plan
+from sparsek.gluon_attn import (
+    _fold_tile,
+    _positions,
+    _program,
+    _selection,
+    _sources,
+    _tile_plan,
+)
 
 # The kinds of barrier of a ring slot.
 K_READY = gl.constexpr(0)
@@ -125,12 +132,7 @@ def _consumer(q_smem, k_smem, v_smem, u_smem, r_smem, bars, tau_ptr, rk_ptr, cnt
         cnt_ptr, i_bh, i0, i1, S, W, CAUSAL, BM, BN, flat)
 
     o_m = WG * M2 + gl.arange(0, M2, layout=row_s)
-    q_pos = i0 + o_m % BM
-    m_q = q_pos < S
-    sel = i_bh.to(gl.int64) * S + q_pos
-    tau = gl.load(tau_ptr + sel, mask=m_q, other=0.0)
-    rk = gl.load(rk_ptr + sel, mask=m_q, other=-1)
-    cnt = gl.load(cnt_ptr + sel, mask=m_q, other=0)
+    q_pos, m_q, tau, rk, cnt = _selection(tau_ptr, rk_ptr, cnt_ptr, i_bh, i0, o_m, S, BM)
     # List tiles below n_all are selected whole by each of this warpgroup's queries.
     n_all = gl.min(gl.where(m_q, cnt, K), axis=0) // BN
 
