@@ -154,8 +154,8 @@ def _softmax(s, g, keep, m_i, l_i, qk_scale, dtype: gl.constexpr, GATED: gl.cons
     """Fold raw logits s [M, BN] into the running (m, l) (log2 units): keys where keep is
     False drop out (MASKED), the rest weigh g (GATED; else 1). Returns (m, l, alpha, p)
     with p in dtype. l sums the weights as rounded for the value product (as the Triton
-    kernel), or with LEAN before rounding, which then takes two elements an instruction:
-    two instructions an element fewer."""
+    kernel); with LEAN, l is returned as it came, for the caller sums p on the tensor
+    cores, and the rounding takes two elements an instruction."""
     if MASKED:
         s = gl.where(keep, s, float("-inf"))
     # The scale is positive, so it commutes with the row maximum, and the exponent is one
@@ -167,7 +167,6 @@ def _softmax(s, g, keep, m_i, l_i, qk_scale, dtype: gl.constexpr, GATED: gl.cons
     if GATED:
         p = p * g
     if LEAN:
-        l_i = l_i * alpha + gl.sum(p, axis=1)
         p = _round_pairs(p, dtype)
     else:
         p = p.to(dtype)
@@ -176,14 +175,25 @@ def _softmax(s, g, keep, m_i, l_i, qk_scale, dtype: gl.constexpr, GATED: gl.cons
 
 
 @gluon.jit
+def _clip_gate(b_u, tau):
+    """clip(u - tau, 0, 1) [M, BN] for scores b_u [BN] and thresholds tau [M], one
+    instruction an element: a subtraction that saturates to [0, 1] (the compiler's own
+    form takes a subtraction and a minimum, and a maximum where the sign is not known).
+    Saturation sends NaN to 0, which only inf - inf could make: a gate of 0, as
+    clip's."""
+    return gl.inline_asm_elementwise("sub.sat.f32 $0, $1, $2;", "=r,r,r",
+                                     [b_u[None, :], tau[:, None]], dtype=gl.float32,
+                                     is_pure=True, pack=1)
+
+
+@gluon.jit
 def _list_gate(b_u, tau, o_n, t, cnt, BN: gl.constexpr, WHOLE: gl.constexpr):
     """Gates of list tile t (entries t * BN + o_n, scores b_u): clip(u - tau, 0, 1) for
     the queries whose count covers the entry, else 0; WHOLE where every count covers the
-    tile, so every gate is u - tau > 0, capped."""
+    tile (no mask)."""
     if WHOLE:
-        return gl.minimum(b_u[None, :] - tau[:, None], 1.0)
-    soft = gl.minimum(gl.maximum(b_u[None, :] - tau[:, None], 0.0), 1.0)
-    return gl.where((t * BN + o_n)[None, :] < cnt[:, None], soft, 0.0)
+        return _clip_gate(b_u, tau)
+    return gl.where((t * BN + o_n)[None, :] < cnt[:, None], _clip_gate(b_u, tau), 0.0)
 
 
 @gluon.jit
@@ -194,7 +204,7 @@ def _fold_tile(t, s, m_i, l_i, u_smem, r_smem, q_pos, tau, rk, cnt, n_all, n_lis
     """Wait for tile t's logits s (until OUT products are in flight) and fold them in.
 
     The gates are computed only as far as the tile needs: list tiles that every query
-    selects whole take clip(u - tau, -, 1) with no mask; dense tiles inside every query's
+    selects whole take clip(u - tau, 0, 1) with no mask; dense tiles inside every query's
     window take nothing; the causal diagonal a mask by position; the rest the general gate
     (window -> 1, selected -> clip(u - tau, 0, 1), else 0). They are computed while the
     product runs, or with LEAN after the wait (fewer registers live across it; LEAN also

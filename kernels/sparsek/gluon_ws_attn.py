@@ -18,9 +18,11 @@ products can hold the tensor cores. Registers move to where they are used (the
 compiler's ``setmaxnreg`` from each partition's count): the consumers hold the
 accumulators, the producer little more than addresses.
 
-Measured on the H100 (``kernels/NOTES.md``, v16): the consumers' instructions, not
-memory, bound this kernel, so its softmax sums the weights before rounding them and
-rounds two a time. Float16 and bfloat16 only, 128 rows a program.
+Measured on the H100 (``kernels/NOTES.md``, v16 and v17): the consumers' instructions,
+not memory, bound this kernel, so they are kept few: the rows' weight sums come from the
+tensor cores (the rounded weights times a few columns of ones, next to the value
+product), weights are rounded two an instruction and gates clipped in one. Float16 and
+bfloat16 only, 128 rows a program.
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ def _producer(k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, k_smem, v_smem, u_s
 
 
 @gluon.jit
-def _consumer(q_smem, k_smem, v_smem, u_smem, r_smem, bars, tau_ptr, rk_ptr, cnt_ptr,
+def _consumer(q_smem, k_smem, v_smem, u_smem, r_smem, ones_smem, bars, tau_ptr, rk_ptr, cnt_ptr,
               o_ptr, lse_ptr, S, Hq, Hkv, K, W, qk_scale, WG: gl.constexpr,
               ROW0: gl.constexpr, CAUSAL: gl.constexpr, BM: gl.constexpr, HG: gl.constexpr,
               BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr):
@@ -123,8 +125,14 @@ def _consumer(q_smem, k_smem, v_smem, u_smem, r_smem, bars, tau_ptr, rk_ptr, cnt
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    # The row sums: p times a [BN, NL] matrix of ones, every column of it the same sum.
+    NL: gl.constexpr = ones_smem.shape[0]
+    l_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, NL, 16])
+    pl_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=l_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    row_l: gl.constexpr = gl.SliceLayout(1, l_layout)
     flat: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
 
     i_blk, i_bh, i_b, i0, i1, head0 = _program(S, Hq, Hkv, ROW0, BM, HG)
@@ -138,8 +146,10 @@ def _consumer(q_smem, k_smem, v_smem, u_smem, r_smem, bars, tau_ptr, rk_ptr, cnt
 
     q_w = q_smem.index(WG)
     m_i = gl.full([M2], float("-inf"), gl.float32, row_s)
-    l_i = gl.zeros([M2], gl.float32, row_s)
+    l_i = gl.zeros([M2], gl.float32, row_s)  # unused: the row sums are l_acc's
     acc = gl.zeros([M2, D], gl.float32, o_layout)
+    l_acc = gl.zeros([M2, NL], gl.float32, l_layout)
+    ones = ones_smem.permute((1, 0))
     s_zero = gl.zeros([M2, BN], gl.float32, s_layout)
 
     # Step 0: the logits of tile 0 and their softmax; no value product yet.
@@ -164,23 +174,27 @@ def _consumer(q_smem, k_smem, v_smem, u_smem, r_smem, bars, tau_ptr, rk_ptr, cnt
                           is_async=True)
         acc = warpgroup_mma(gl.convert_layout(p, p_layout), v_smem.index(prev), acc,
                             is_async=True)
+        l_acc = warpgroup_mma(gl.convert_layout(p, pl_layout), ones, l_acc, is_async=True)
         m_i, l_i, alpha, p = _fold_tile(t, s, m_i, l_i, u_smem, r_smem, q_pos, tau, rk,
                                         cnt, n_all, n_list, j_start, j_lo, j_hi, t1, t2, W,
-                                        qk_scale, 1, CAUSAL, BN, STAGES, s_layout, dtype,
+                                        qk_scale, 2, CAUSAL, BN, STAGES, s_layout, dtype,
                                         True)
         mbarrier.arrive(bars.index(K_FREE * STAGES + slot), count=1)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        acc, l_acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, l_acc))
         mbarrier.arrive(bars.index(V_FREE * STAGES + prev), count=1)
         acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        l_acc = l_acc * gl.convert_layout(alpha, row_l)[:, None]
 
     last = (n_t - 1) % STAGES
     mbarrier.wait(bars.index(V_READY * STAGES + last), ((n_t - 1) // STAGES) & 1)
     fence_async_shared()
     acc = warpgroup_mma(gl.convert_layout(p, p_layout), v_smem.index(last), acc,
                         is_async=True)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    l_acc = warpgroup_mma(gl.convert_layout(p, pl_layout), ones, l_acc, is_async=True)
+    acc, l_acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, l_acc))
 
     # o and lse straight from the product's layout (no shared-memory round trip).
+    l_i = gl.convert_layout(gl.max(l_acc, axis=1), row_s)
     has = l_i > 0
     l_o = gl.convert_layout(gl.where(has, l_i, 1.0), row_o)
     o = (acc / l_o[:, None]).to(dtype)
@@ -209,6 +223,7 @@ def sparsek_attn_fwd_ws(
     second consumer and the producer add four warps each."""
     M: gl.constexpr = HG * BM
     M2: gl.constexpr = M // 2
+    NL: gl.constexpr = 8
     dtype: gl.constexpr = q_ptr.dtype.element_ty
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [num_warps, 1],
                                         [1, 0])
@@ -238,6 +253,9 @@ def sparsek_attn_fwd_ws(
     # Four barriers a slot (bars.index(kind * STAGES + slot)): its keys ready, its values
     # ready (one arrival per producer thread), its keys free, its values free (one per
     # consumer).
+    # NL rows of ones, times which p gives the rows' sums on the tensor cores.
+    ones_smem = gl.allocate_shared_memory(dtype, [NL, BN], smem,
+                                          value=gl.full([NL, BN], 1.0, dtype, ld))
     bars = gl.allocate_shared_memory(gl.int64, [4 * STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(K_READY * STAGES + i), count=128)
@@ -247,10 +265,10 @@ def sparsek_attn_fwd_ws(
     gl.thread_barrier()
 
     gl.warp_specialize([
-        (_consumer, (q_smem, k_smem, v_smem, u_smem, r_smem, bars, tau_ptr, rk_ptr,
+        (_consumer, (q_smem, k_smem, v_smem, u_smem, r_smem, ones_smem, bars, tau_ptr, rk_ptr,
                      cnt_ptr, o_ptr, lse_ptr, S, Hq, Hkv, K, W, qk_scale, 0, ROW0, CAUSAL,
                      BM, HG, BN, D, STAGES)),
-        (_consumer, (q_smem, k_smem, v_smem, u_smem, r_smem, bars, tau_ptr, rk_ptr,
+        (_consumer, (q_smem, k_smem, v_smem, u_smem, r_smem, ones_smem, bars, tau_ptr, rk_ptr,
                      cnt_ptr, o_ptr, lse_ptr, S, Hq, Hkv, K, W, qk_scale, 1, ROW0, CAUSAL,
                      BM, HG, BN, D, STAGES)),
         (_producer, (k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, k_smem, v_smem, u_smem,
@@ -262,9 +280,9 @@ def sparsek_attn_fwd_ws(
 # (keys per tile, ring slots, consumer registers, producer registers), tuned per shape.
 # The kernel's register cap (maxnreg) is what the three warpgroups share: 65536 registers
 # an SM over 384 threads, rounded down to 8 -> 168 (2 x 224 + 56 = 3 x 168). Measured on
-# long-64k (H100): 224/56 took 7.59 ms, 232/40 8.03 (the producer spills); 128 keys a
-# tile spill in the consumers.
-WS_CONFIGS = [(64, 4, 224, 56), (64, 4, 216, 72), (64, 3, 224, 56)]
+# long-64k (H100, NOTES v17): 64 x 4 at 216/72 took 7.24 ms, at 224/56 7.47-7.59; 232/40
+# made the producer spill (v16); 128 keys a tile spill in the consumers and took 8.4.
+WS_CONFIGS = [(64, 4, 224, 56), (64, 4, 216, 72), (64, 3, 216, 72)]
 WS_MAXNREG = 168
 ROWS = 128  # rows a program: 64 a consumer warpgroup (a warpgroup product's height)
 WARPS = 12  # the first consumer's 4 (num_warps), and 4 each for the second and the producer
