@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                         "kernel")
     parser.add_argument("--ws", default="",
                         help="BNxSTAGES[xCONSUMER_REGSxPRODUCER_REGS], comma-separated: also "
-                        "time the warp-specialized Gluon (sm_90) kernel (128-row blocks)")
+                        "time the warp-specialized Gluon (sm_90) kernel (64- or 128-row blocks)")
     args = parser.parse_args(argv)
     baselines = [p for p in args.baseline.split(",") if p]
     stems = [Path(p).stem for p in baselines]
@@ -151,14 +151,14 @@ def main(argv: list[str] | None = None) -> int:
                                                       heads * block_m)
                     warps = run_kw["num_warps"]
                 elif kname == "ws":
-                    if heads * block_m != ws_attn.ROWS:
+                    if heads * block_m not in ws_attn.ROWS:
                         continue
                     # Shown as keys x warps x slots x consumer and producer registers.
                     bn, stages, *cap = tile
                     fixed = triton_fwd.gluon_attention().kernel_args(fixed)
-                    run_kw = ws_attn.launch_kwargs(bn, stages, *cap)
+                    run_kw = ws_attn.launch_kwargs(bn, stages, *cap, rows=heads * block_m)
                     cap = [run_kw["CONSUMER_REGS"], run_kw["PRODUCER_REGS"]]
-                    warps = ws_attn.WARPS
+                    warps = ws_attn.warps(heads * block_m)
                 else:
                     bn, warps, stages, *cap = tile
                     run_kw = dict(BN=bn, num_warps=warps, num_stages=stages,

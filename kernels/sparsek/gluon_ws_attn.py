@@ -1,28 +1,28 @@
 """Attention step of the SparseK forward for Hopper (sm_90), warp-specialized.
 
 The same work as ``gluon_attn.sparsek_attn_fwd_gluon`` (one block of queries of HG heads,
-its list tiles then its dense tiles), split among three groups of four warps, as
+its list tiles then its dense tiles), split among warpgroups (four warps each), as
 FlashAttention-3 splits a dense attention:
 
 - a producer gathers each tile's key rows (with their scores and sort ranks, the gates'
   inputs) and its value rows by ``cp.async`` into two rings of STAGES shared-memory
   slots; each of its threads signals a slot's "ready" barrier when its own copies land;
-- two consumer warpgroups each own half of the program's 128 rows. Each waits for tile
-  t's keys and tile t - 1's values, runs the logits of tile t and the value product of
-  tile t - 1 on the tensor cores, computes tile t's gates and softmax meanwhile, then
-  frees tile t's key slot and, once that value product is done, tile t - 1's value slot
-  (their "free" barriers).
+- a consumer for each 64 of the program's rows (two for 128 rows; one for 64, and then
+  two programs share an SM). Each waits for tile t's keys and tile t - 1's values, runs
+  the logits of tile t and the value product of tile t - 1 on the tensor cores,
+  computes tile t's gates and softmax meanwhile, then frees tile t's key slot and, once
+  that value product is done, tile t - 1's value slot (their "free" barriers).
 
 The consumers never wait on each other: while one is in its softmax, the other's
-products can hold the tensor cores. Registers move to where they are used (the
-compiler's ``setmaxnreg`` from each partition's count): the consumers hold the
-accumulators, the producer little more than addresses.
+products (or the other program's) can hold the tensor cores. Registers move to where
+they are used (the compiler's ``setmaxnreg`` from each partition's count): the consumers
+hold the accumulators, the producer little more than addresses.
 
 Measured on the H100 (``kernels/NOTES.md``, v16 and v17): the consumers' instructions,
 not memory, bound this kernel, so they are kept few: the rows' weight sums come from the
 tensor cores (the rounded weights times a few columns of ones, next to the value
 product), weights are rounded two an instruction and gates clipped in one. Float16 and
-bfloat16 only, 128 rows a program.
+bfloat16 only, 64 or 128 rows a program.
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ K_READY = gl.constexpr(0)
 V_READY = gl.constexpr(1)
 K_FREE = gl.constexpr(2)
 V_FREE = gl.constexpr(3)
+# Rows of a consumer warpgroup: a warpgroup product's height.
+CONSUMER_ROWS = gl.constexpr(64)
 
 
 @gluon.jit
@@ -115,10 +117,10 @@ def _consumer(q_smem, k_smem, v_smem, u_smem, r_smem, ones_smem, bars, tau_ptr, 
               o_ptr, lse_ptr, S, Hq, Hkv, K, W, qk_scale, WG: gl.constexpr,
               ROW0: gl.constexpr, CAUSAL: gl.constexpr, BM: gl.constexpr, HG: gl.constexpr,
               BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr):
-    """Rows WG * M2 .. WG * M2 + M2 - 1 of the program (M2 = HG * BM / 2; row h * BM + i
-    is query i0 + i of the group's head h): their online softmax over every tile, then
-    o and lse."""
-    M2: gl.constexpr = HG * BM // 2
+    """Rows WG * M2 .. WG * M2 + M2 - 1 of the program (M2 = 64; row h * BM + i is query
+    i0 + i of the group's head h): their online softmax over every tile, then o and
+    lse."""
+    M2: gl.constexpr = CONSUMER_ROWS
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
@@ -219,10 +221,12 @@ def sparsek_attn_fwd_ws(
     PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
     """o [B, Hq, S, D] and lse [B, Hq, S] for one block of queries; arguments as in
-    ``triton_attn.sparsek_attn_fwd_kernel``. num_warps = 4 (the first consumer); the
-    second consumer and the producer add four warps each."""
+    ``triton_attn.sparsek_attn_fwd_kernel``. num_warps = 4 (the first consumer); a
+    second consumer (128 rows) and the producer add four warps each. With one consumer,
+    its registers are what the producer leaves of the kernel's cap."""
     M: gl.constexpr = HG * BM
-    M2: gl.constexpr = M // 2
+    M2: gl.constexpr = CONSUMER_ROWS
+    CONSUMERS: gl.constexpr = M // M2
     NL: gl.constexpr = 8
     dtype: gl.constexpr = q_ptr.dtype.element_ty
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [num_warps, 1],
@@ -234,11 +238,11 @@ def sparsek_attn_fwd_ws(
     i_blk, i_bh, i_b, i0, i1, head0 = _program(S, Hq, Hkv, ROW0, BM, HG)
     q_base = (i_b * Hq + head0).to(gl.int64) * S * D
 
-    # The block's queries, each consumer's half in its own slot.
-    q_smem = gl.allocate_shared_memory(dtype, [2, M2, D], smem)
+    # The block's queries, each consumer's rows in its own slot.
+    q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, M2, D], smem)
     o_m = gl.arange(0, M2, layout=gl.SliceLayout(1, ld))
     o_d = gl.arange(0, D, layout=gl.SliceLayout(0, ld))
-    for wg in gl.static_range(2):
+    for wg in gl.static_range(CONSUMERS):
         r = wg * M2 + o_m
         q_pos = i0 + r % BM
         q_off = (((r // BM) * S + q_pos) * D)[:, None] + o_d[None, :]
@@ -250,89 +254,119 @@ def sparsek_attn_fwd_ws(
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], smem)
     u_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BN], flat)
     r_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BN], flat)
+    # NL rows of ones, times which p gives the rows' sums on the tensor cores.
+    ones_smem = gl.allocate_shared_memory(
+        dtype, [NL, BN], gl.NVMMASharedLayout.get_default_for([NL, BN], dtype),
+        value=gl.full([NL, BN], 1.0, dtype, ld))
     # Four barriers a slot (bars.index(kind * STAGES + slot)): its keys ready, its values
     # ready (one arrival per producer thread), its keys free, its values free (one per
     # consumer).
-    # NL rows of ones, times which p gives the rows' sums on the tensor cores.
-    ones_smem = gl.allocate_shared_memory(dtype, [NL, BN], smem,
-                                          value=gl.full([NL, BN], 1.0, dtype, ld))
     bars = gl.allocate_shared_memory(gl.int64, [4 * STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(K_READY * STAGES + i), count=128)
         mbarrier.init(bars.index(V_READY * STAGES + i), count=128)
-        mbarrier.init(bars.index(K_FREE * STAGES + i), count=2)
-        mbarrier.init(bars.index(V_FREE * STAGES + i), count=2)
+        mbarrier.init(bars.index(K_FREE * STAGES + i), count=CONSUMERS)
+        mbarrier.init(bars.index(V_FREE * STAGES + i), count=CONSUMERS)
     gl.thread_barrier()
 
-    gl.warp_specialize([
-        (_consumer, (q_smem, k_smem, v_smem, u_smem, r_smem, ones_smem, bars, tau_ptr, rk_ptr,
-                     cnt_ptr, o_ptr, lse_ptr, S, Hq, Hkv, K, W, qk_scale, 0, ROW0, CAUSAL,
-                     BM, HG, BN, D, STAGES)),
-        (_consumer, (q_smem, k_smem, v_smem, u_smem, r_smem, ones_smem, bars, tau_ptr, rk_ptr,
-                     cnt_ptr, o_ptr, lse_ptr, S, Hq, Hkv, K, W, qk_scale, 1, ROW0, CAUSAL,
-                     BM, HG, BN, D, STAGES)),
-        (_producer, (k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, k_smem, v_smem, u_smem,
-                     r_smem, bars, S, Hq, Hkv, NBG, K, W, ROW0, CAUSAL, BM, HG, BN, D,
-                     STAGES)),
-    ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
+    # The partitions' arguments are written out in each call: constexprs packed into a
+    # tuple variable would lose their constness.
+    if CONSUMERS == 2:
+        gl.warp_specialize([
+            (_consumer, (q_smem, k_smem, v_smem, u_smem, r_smem, ones_smem, bars, tau_ptr,
+                         rk_ptr, cnt_ptr, o_ptr, lse_ptr, S, Hq, Hkv, K, W, qk_scale, 0, ROW0,
+                         CAUSAL, BM, HG, BN, D, STAGES)),
+            (_consumer, (q_smem, k_smem, v_smem, u_smem, r_smem, ones_smem, bars, tau_ptr,
+                         rk_ptr, cnt_ptr, o_ptr, lse_ptr, S, Hq, Hkv, K, W, qk_scale, 1, ROW0,
+                         CAUSAL, BM, HG, BN, D, STAGES)),
+            (_producer, (k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, k_smem, v_smem,
+                         u_smem, r_smem, bars, S, Hq, Hkv, NBG, K, W, ROW0, CAUSAL, BM, HG,
+                         BN, D, STAGES)),
+        ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize([
+            (_consumer, (q_smem, k_smem, v_smem, u_smem, r_smem, ones_smem, bars, tau_ptr,
+                         rk_ptr, cnt_ptr, o_ptr, lse_ptr, S, Hq, Hkv, K, W, qk_scale, 0, ROW0,
+                         CAUSAL, BM, HG, BN, D, STAGES)),
+            (_producer, (k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, k_smem, v_smem,
+                         u_smem, r_smem, bars, S, Hq, Hkv, NBG, K, W, ROW0, CAUSAL, BM, HG,
+                         BN, D, STAGES)),
+        ], [4], [PRODUCER_REGS])
 
 
-# (keys per tile, ring slots, consumer registers, producer registers), tuned per shape.
-# The kernel's register cap (maxnreg) is what the three warpgroups share: 65536 registers
-# an SM over 384 threads, rounded down to 8 -> 168 (2 x 224 + 56 = 3 x 168). Measured on
-# long-64k (H100, NOTES v17): 64 x 4 at 216/72 took 7.24 ms, at 224/56 7.47-7.59; 232/40
-# made the producer spill (v16); 128 keys a tile spill in the consumers and took 8.4.
-WS_CONFIGS = [(64, 4, 224, 56), (64, 4, 216, 72), (64, 3, 216, 72)]
-WS_MAXNREG = 168
-ROWS = 128  # rows a program: 64 a consumer warpgroup (a warpgroup product's height)
-WARPS = 12  # the first consumer's 4 (num_warps), and 4 each for the second and the producer
+# Per rows a program: (keys per tile, ring slots, consumer registers, producer registers),
+# tuned per shape. The kernel's register cap (maxnreg) is what its warpgroups share:
+# 65536 registers an SM over 384 threads (128 rows, one program an SM), rounded down to
+# 8 -> 168 (2 x 224 + 56 = 3 x 168); over 2 x 256 threads for 64 rows (two programs an
+# SM) -> 128, where the one consumer gets what the producer leaves (216 + 40 = 2 x 128).
+# Measured on the H100 (NOTES v17): long-64k 64 x 4 at 216/72 7.24 ms, at 224/56
+# 7.47-7.59; 232/40 made the producer spill (v16); 128 keys a tile spill in the consumers
+# and took 8.4. Two programs of 64 rows an SM need two rings in shared memory: at most 2
+# slots of 64 keys (D = 128), or 4 of 32. gpt4-4k: 64 x 2 at 208/48 6.81 ms, 200/56 6.88,
+# 216/40 7.01 (the producer spills), 32 x 4 7.70, 64 x 3 (one program an SM) 9.97.
+WS_CONFIGS = {128: [(64, 4, 224, 56), (64, 4, 216, 72), (64, 3, 216, 72)],
+              64: [(64, 2, 208, 48), (64, 2, 200, 56), (32, 4, 208, 48)]}
+WS_MAXNREG = {128: 168, 64: 128}
+ROWS = tuple(sorted(WS_CONFIGS))  # rows a program: 64 a consumer warpgroup (a product's height)
+
+
+def warps(rows: int) -> int:
+    """Warps of a program of `rows` rows: four a consumer, and four for the producer."""
+    return 4 * (rows // 64 + 1)
 
 
 def supported(q: torch.Tensor, rows: int) -> bool:
     """Whether this kernel serves q with programs of `rows` rows: float16 or bfloat16 on
-    a Hopper GPU, 128 rows a program."""
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and rows == ROWS
+    a Hopper GPU, 64 or 128 rows a program."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and rows in ROWS
             and torch.cuda.get_device_capability(q.device) == (9, 0))
 
 
 def launch_kwargs(block_n: int, stages: int, consumer_regs: int | None = None,
-                  producer_regs: int | None = None) -> dict:
-    """Launch options of one tile: block_n keys a step, stages (>= 2) ring slots, and the
-    registers of each consumer and of the producer (WS_CONFIGS[0]'s when not given):
-    multiples of 8 from 24 to 256 (setmaxnreg's range), and the three warpgroups
-    together within the kernel's cap, 4 * 32 * (2 * consumer + producer) <= 384 *
-    WS_MAXNREG."""
+                  producer_regs: int | None = None, rows: int = 128) -> dict:
+    """Launch options of one tile for programs of `rows` rows (64 or 128): block_n keys a
+    step, stages (>= 2) ring slots, and the registers of each consumer and of the
+    producer (the first tuned tile's when not given): multiples of 8 from 24 to 256
+    (setmaxnreg's range), every warpgroup together within the kernel's cap,
+    consumers * consumer_regs + producer_regs <= (consumers + 1) * WS_MAXNREG[rows]."""
+    if rows not in ROWS:
+        raise ValueError(f"the warp-specialized attention kernel runs programs of "
+                         f"{' or '.join(map(str, ROWS))} rows; got {rows}")
     if stages < 2:
         raise ValueError(f"the warp-specialized attention kernel needs at least 2 "
                          f"shared-memory slots; got {stages}")
-    consumer_regs = WS_CONFIGS[0][2] if consumer_regs is None else consumer_regs
-    producer_regs = WS_CONFIGS[0][3] if producer_regs is None else producer_regs
+    first = WS_CONFIGS[rows][0]
+    consumer_regs = first[2] if consumer_regs is None else consumer_regs
+    producer_regs = first[3] if producer_regs is None else producer_regs
     for name, regs in (("consumer_regs", consumer_regs), ("producer_regs", producer_regs)):
         if regs % 8 or not 24 <= regs <= 256:
             raise ValueError(f"{name} must be a multiple of 8 from 24 to 256; got {regs}")
-    if 2 * consumer_regs + producer_regs > 3 * WS_MAXNREG:
-        raise ValueError(f"2 x consumer_regs + producer_regs must be at most "
-                         f"{3 * WS_MAXNREG} (three warpgroups under the kernel's cap of "
-                         f"{WS_MAXNREG} a thread); got 2 x {consumer_regs} + {producer_regs}")
+    consumers, cap = rows // 64, WS_MAXNREG[rows]
+    if consumers * consumer_regs + producer_regs > (consumers + 1) * cap:
+        raise ValueError(f"{consumers} x consumer_regs + producer_regs must be at most "
+                         f"{(consumers + 1) * cap} ({consumers + 1} warpgroups under the "
+                         f"kernel's cap of {cap} a thread); got {consumers} x "
+                         f"{consumer_regs} + {producer_regs}")
     return dict(BN=block_n, STAGES=stages, CONSUMER_REGS=consumer_regs,
-                PRODUCER_REGS=producer_regs, num_warps=4, maxnreg=WS_MAXNREG)
+                PRODUCER_REGS=producer_regs, num_warps=4, maxnreg=cap)
 
 
-_TUNED: list = []
+_TUNED: dict = {}
 
 
-def tuned():
-    """The kernel tuned over WS_CONFIGS."""
-    if not _TUNED:
-        _TUNED.append(triton.autotune(
+def tuned(rows: int = 128):
+    """The kernel tuned over WS_CONFIGS[rows]."""
+    if rows not in _TUNED:
+        _TUNED[rows] = triton.autotune(
             configs=[triton.Config({"BN": bn, "STAGES": st, "CONSUMER_REGS": c,
-                                    "PRODUCER_REGS": p}, num_warps=4, maxnreg=WS_MAXNREG)
-                     for bn, st, c, p in WS_CONFIGS],
+                                    "PRODUCER_REGS": p}, num_warps=4,
+                                   maxnreg=WS_MAXNREG[rows])
+                     for bn, st, c, p in WS_CONFIGS[rows]],
             key=["S", "Hq", "Hkv", "K", "W", "CAUSAL", "BM", "HG", "D"],
-        )(sparsek_attn_fwd_ws))
-    return _TUNED[0]
+        )(sparsek_attn_fwd_ws)
+    return _TUNED[rows]
 
 
 def tuners() -> list:
-    """The tuned kernel, if made."""
-    return list(_TUNED)
+    """The tuned kernels made so far (one per program size)."""
+    return list(_TUNED.values())

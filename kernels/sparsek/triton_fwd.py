@@ -181,7 +181,7 @@ class ForwardConfig:
     kernel: the attention kernel, "triton" (triton_attn, any device), "gluon"
     (gluon_attn: Hopper, float16/bfloat16, 64 or 128 rows a program; num_stages is then
     its shared-memory slots, at least 3, and num_warps follows the rows) or "ws"
-    (gluon_ws_attn, warp-specialized: Hopper, float16/bfloat16, 128 rows a program;
+    (gluon_ws_attn, warp-specialized: Hopper, float16/bfloat16, 64 or 128 rows a program;
     num_stages is then its ring slots, at least 2; its warps are fixed).
     On a GPU without an explicit config, the attention's kernel and tile are tuned per
     shape instead (triton_attn.ATTN_CONFIGS, gluon_attn.GLUON_CONFIGS,
@@ -584,10 +584,10 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.T
     if cfg.kernel == "ws":
         if ws_attn is None or not ws_attn.supported(q, rows):
             raise ValueError(f"config.kernel='ws' needs float16 or bfloat16 on a Hopper GPU "
-                             f"(sm_90) and {ws_attn.ROWS if ws_attn else 128} rows a "
-                             f"program (heads x block_m); got {q.dtype} on {q.device} with "
-                             f"{rows} rows: use kernel='triton'")
-        ws_launch = ws_attn.launch_kwargs(cfg.block_n, cfg.num_stages)
+                             f"(sm_90) and 64 or 128 rows a program (heads x block_m); got "
+                             f"{q.dtype} on {q.device} with {rows} rows: use "
+                             f"kernel='triton'")
+        ws_launch = ws_attn.launch_kwargs(cfg.block_n, cfg.num_stages, rows=rows)
     elif cfg.kernel not in ("triton", "gluon"):
         raise ValueError(f"config.kernel must be 'triton', 'gluon' or 'ws'; got "
                          f"{cfg.kernel!r}")
@@ -607,7 +607,7 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.T
             runs["gluon"] = lambda: run_attention(gluon_attn.tuned(rows), launches, args,
                                                   gluon_attn.kernel_args(fixed))
         if ws_attn is not None and ws_attn.supported(q, rows):
-            runs["ws"] = lambda: run_attention(ws_attn.tuned(), launches, args,
+            runs["ws"] = lambda: run_attention(ws_attn.tuned(rows), launches, args,
                                                gluon_attn.kernel_args(fixed))
         key = (q.device.index, q.dtype, *q.shape, k.shape[1], kv_budget, window, causal,
                cfg.block_m, fixed["HG"], *runs)

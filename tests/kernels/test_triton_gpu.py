@@ -180,10 +180,10 @@ def test_every_gluon_tile_the_tuner_may_pick_matches_reference(
     check_against_reference(x, dtype, kv_budget=K, window=W, causal=causal, scale=None)
 
 
-def _force_ws(monkeypatch, q, group, tile):
+def _force_ws(monkeypatch, q, group, tile, rows=128):
     """Make the forward use the warp-specialized kernel with tile (keys, ring slots) on
-    blocks of 128 rows (the default heads a program, and as many queries as make 128);
-    skip where it cannot run."""
+    blocks of `rows` rows (the default heads a program, and as many queries as make
+    `rows`); skip where it cannot run."""
     import dataclasses
 
     from sparsek import triton_fwd
@@ -194,43 +194,45 @@ def _force_ws(monkeypatch, q, group, tile):
         pytest.skip("this Triton build has no Gluon warp specialization")
     default = triton_fwd.default_config
     heads = math.gcd(default(q, group).heads, group)
-    if not ws_attn.supported(q, ws_attn.ROWS):
+    if not ws_attn.supported(q, rows):
         pytest.skip("the warp-specialized kernel serves float16/bfloat16")
     block_n, stages = tile
 
     def with_ws(q, group):
         return dataclasses.replace(default(q, group), kernel="ws", block_n=block_n,
-                                   num_stages=stages, block_m=ws_attn.ROWS // heads)
+                                   num_stages=stages, block_m=rows // heads)
 
     monkeypatch.setattr(triton_fwd, "default_config", with_ws)
 
 
+@pytest.mark.parametrize("rows", [128, 64])
 @pytest.mark.parametrize(("B", "Hq", "Hkv", "S", "D", "K", "W", "causal", "dtype"),
                          [c for c in CASES if c[-1] != F32])
 def test_ws_attention_matches_reference(make_inputs, monkeypatch, B, Hq, Hkv, S, D, K, W,
-                                        causal, dtype):
+                                        causal, dtype, rows):
     x = make_inputs(batch=B, q_heads=Hq, kv_heads=Hkv, seq_len=S, dim=D, dtype=dtype,
                     device="cuda")
-    _force_ws(monkeypatch, x.q, Hq // Hkv, (64, 4))
+    _force_ws(monkeypatch, x.q, Hq // Hkv, (64, 4 if rows == 128 else 2), rows)
     check_against_reference(x, dtype, kv_budget=K, window=W, causal=causal, scale=None)
 
 
-@pytest.mark.parametrize("tile", range(3))
+@pytest.mark.parametrize(("rows", "tile"), [(r, t) for r in (128, 64) for t in range(3)])
 @pytest.mark.parametrize(("Hq", "Hkv", "S", "D", "K", "W", "causal", "dtype"), TILE_CASES)
 def test_every_ws_tile_the_tuner_may_pick_matches_reference(
-        make_inputs, monkeypatch, tile, Hq, Hkv, S, D, K, W, causal, dtype):
+        make_inputs, monkeypatch, rows, tile, Hq, Hkv, S, D, K, W, causal, dtype):
     from sparsek import triton_fwd
 
     _gluon()
     configs = triton_fwd.ws_attention().WS_CONFIGS
-    assert len(configs) == 3, "the tile parameter must cover every config"
+    assert sorted(configs) == [64, 128] and all(len(c) == 3 for c in configs.values()), \
+        "the rows and tile parameters must cover every config"
     x = make_inputs(batch=1, q_heads=Hq, kv_heads=Hkv, seq_len=S, dim=D, dtype=dtype,
                     device="cuda")
-    _force_ws(monkeypatch, x.q, Hq // Hkv, configs[tile][:2])
+    _force_ws(monkeypatch, x.q, Hq // Hkv, configs[rows][tile][:2], rows)
     check_against_reference(x, dtype, kv_budget=K, window=W, causal=causal, scale=None)
 
 
-def test_ws_kernel_on_blocks_other_than_128_rows_is_refused_before_anything_runs(
+def test_ws_kernel_on_blocks_other_than_64_or_128_rows_is_refused_before_anything_runs(
         make_inputs, monkeypatch):
     import dataclasses
 
@@ -241,9 +243,9 @@ def test_ws_kernel_on_blocks_other_than_128_rows_is_refused_before_anything_runs
                     device="cuda")
     default = triton_fwd.default_config
     monkeypatch.setattr(triton_fwd, "default_config", lambda q, group: dataclasses.replace(
-        default(q, group), kernel="ws", block_m=16, heads=4))
+        default(q, group), kernel="ws", block_m=16, heads=2))
     o = torch.full_like(x.q, float("nan"))
-    with pytest.raises(ValueError, match="128 rows a program"):
+    with pytest.raises(ValueError, match="64 or 128 rows a program"):
         triton_fwd.launch_forward(x.q, x.k, x.v, x.u, 7, 4, True, 0.125, o,
                                   torch.empty(x.q.shape[:3], device="cuda"))
     assert o.isnan().all()

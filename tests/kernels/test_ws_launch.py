@@ -32,11 +32,13 @@ BAD = [
     ((64, 4, 228, 48), "consumer_regs must be a multiple of 8"),
     ((64, 4, 224, 16), "producer_regs must be a multiple of 8 from 24 to 256"),
     ((64, 4, 240, 56), "must be at most 504"),
+    ((64, 2, 216, 56, 64), "1 x consumer_regs + producer_regs must be at most 256"),
+    ((64, 2, None, None, 32), "runs programs of 64 or 128 rows; got 32"),
 ]
 
 
 def test_ws_launch_options_refuse_what_the_gpu_cannot_run():
-    args = [list(a) for a, _ in BAD] + [[64, 4, 216, 72]]
+    args = [list(a) for a, _ in BAD] + [[64, 4, 216, 72], [64, 2, 216, 40, 64]]
     run = subprocess.run([sys.executable, "-c", CHECK, json.dumps(args)],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -47,4 +49,4 @@ def test_ws_launch_options_refuse_what_the_gpu_cannot_run():
     assert (out["default"]["CONSUMER_REGS"], out["default"]["PRODUCER_REGS"]) == (224, 56)
     for (_, want), got in zip(BAD, out["errors"]):
         assert got is not None and want in got
-    assert out["errors"][-1] is None  # 2 x 216 + 72 = 504 fits
+    assert out["errors"][-2:] == [None, None]  # 2 x 216 + 72 = 504 and 216 + 40 fit
