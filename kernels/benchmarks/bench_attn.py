@@ -156,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
                     # Shown as keys x warps x slots x consumer and producer registers.
                     bn, stages, *cap = tile
                     fixed = triton_fwd.gluon_attention().kernel_args(fixed)
-                    run_kw = ws_attn.launch_kwargs(bn, stages, *cap, rows=heads * block_m)
+                    try:
+                        run_kw = ws_attn.launch_kwargs(bn, stages, *cap, rows=heads * block_m)
+                    except ValueError as exc:  # registers given for the other program size
+                        print(f"{name:9} {block_m}x{heads:<3} ws {tile}: {exc}")
+                        continue
                     cap = [run_kw["CONSUMER_REGS"], run_kw["PRODUCER_REGS"]]
                     warps = ws_attn.warps(heads * block_m)
                 else:
