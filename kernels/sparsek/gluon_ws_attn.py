@@ -5,8 +5,9 @@ its list tiles then its dense tiles), split among warpgroups (four warps each), 
 FlashAttention-3 splits a dense attention:
 
 - a producer gathers each tile's key rows (with their scores and sort ranks, the gates'
-  inputs) and its value rows by ``cp.async`` into two rings of STAGES shared-memory
-  slots; each of its threads signals a slot's "ready" barrier when its own copies land;
+  inputs) and its value rows by ``cp.async`` into two rings of shared-memory slots
+  (STAGES for keys, one more for values, which are held a step longer); each of its
+  threads signals a slot's "ready" barrier when its own copies land;
 - a consumer for each 64 of the program's rows (two for 128 rows; one for 64, and then
   two programs share an SM). Each waits for tile t's keys and tile t - 1's values, runs
   the logits of tile t and the value product of tile t - 1 on the tensor cores,
@@ -48,13 +49,25 @@ from sparsek.gluon_attn import (
     _tile_plan,
 )
 
-# The kinds of barrier of a ring slot.
+# The kinds of barrier of a ring slot (see _bar).
 K_READY = gl.constexpr(0)
-V_READY = gl.constexpr(1)
-K_FREE = gl.constexpr(2)
+K_FREE = gl.constexpr(1)
+V_READY = gl.constexpr(2)
 V_FREE = gl.constexpr(3)
 # Rows of a consumer warpgroup: a warpgroup product's height.
 CONSUMER_ROWS = gl.constexpr(64)
+
+
+@gluon.jit
+def _bar(kind: gl.constexpr, slot, STAGES: gl.constexpr):
+    """Where slot `slot`'s barrier of `kind` is in the barrier array: the key ring's
+    ready and free barriers (STAGES each), then the value ring's (STAGES + 1 each: a
+    value slot is held one step longer than its tile's key slot, until the value
+    product of the step after)."""
+    if kind < V_READY:  # K_READY or K_FREE
+        return kind * STAGES + slot
+    else:
+        return 2 * STAGES + (kind - V_READY) * (STAGES + 1) + slot
 
 
 @gluon.jit
@@ -76,8 +89,9 @@ def _producer(k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, k_smem, v_smem, u_s
               bars, S, Hq, Hkv, NBG, K, W, ROW0: gl.constexpr, CAUSAL: gl.constexpr,
               BM: gl.constexpr, HG: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
               STAGES: gl.constexpr):
-    """Copy tile t's keys (with their scores and sort ranks) and its values into slot
-    t % STAGES of their rings, each once the consumers have freed it."""
+    """Copy tile t's keys (with their scores and sort ranks) into slot t % STAGES of their
+    ring and its values into slot t % (STAGES + 1) of theirs, each once the consumers
+    have freed it."""
     # Copies move 16 bytes a thread along D, four warps.
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [4, 1], [1, 0])
     i_blk, i_bh, i_b, i0, i1, head0 = _program(S, Hq, Hkv, ROW0, BM, HG)
@@ -93,21 +107,22 @@ def _producer(k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, k_smem, v_smem, u_s
     pos, m = _positions(0, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, BN, ld)
     for t in range(n_t):
         slot = t % STAGES
-        # A fresh barrier counts as freed once: round 0 passes at once.
-        phase = ((t // STAGES) & 1) ^ 1
+        v_slot = t % (STAGES + 1)
         off = (pos * D)[:, None] + o_d[None, :]
-        mbarrier.wait(bars.index(K_FREE * STAGES + slot), phase)
+        # A fresh barrier counts as freed once: round 0 passes at once.
+        mbarrier.wait(bars.index(_bar(K_FREE, slot, STAGES)), ((t // STAGES) & 1) ^ 1)
         async_copy.async_copy_global_to_shared(k_smem.index(slot), k_base + off,
                                                mask=m[:, None])
         async_copy.async_copy_global_to_shared(u_smem.index(slot), u_row + pos, mask=m)
         async_copy.async_copy_global_to_shared(r_smem.index(slot), rank_row + pos, mask=m)
         # Every thread's arrival fires when its own copies so far have landed.
-        async_copy.mbarrier_arrive(bars.index(K_READY * STAGES + slot),
+        async_copy.mbarrier_arrive(bars.index(_bar(K_READY, slot, STAGES)),
                                    increment_count=False)
-        mbarrier.wait(bars.index(V_FREE * STAGES + slot), phase)
-        async_copy.async_copy_global_to_shared(v_smem.index(slot), v_base + off,
+        mbarrier.wait(bars.index(_bar(V_FREE, v_slot, STAGES)),
+                      ((t // (STAGES + 1)) & 1) ^ 1)
+        async_copy.async_copy_global_to_shared(v_smem.index(v_slot), v_base + off,
                                                mask=m[:, None])
-        async_copy.mbarrier_arrive(bars.index(V_READY * STAGES + slot),
+        async_copy.mbarrier_arrive(bars.index(_bar(V_READY, v_slot, STAGES)),
                                    increment_count=False)
         pos, m = _positions(t + 1, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, BN, ld)
 
@@ -155,22 +170,22 @@ def _consumer(q_smem, k_smem, v_smem, u_smem, r_smem, ones_smem, bars, tau_ptr, 
     s_zero = gl.zeros([M2, BN], gl.float32, s_layout)
 
     # Step 0: the logits of tile 0 and their softmax; no value product yet.
-    mbarrier.wait(bars.index(K_READY * STAGES), 0)
+    mbarrier.wait(bars.index(_bar(K_READY, 0, STAGES)), 0)
     fence_async_shared()  # cp.async wrote the slot; the products read it
     s = warpgroup_mma(q_w, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
                       is_async=True)
     m_i, l_i, alpha, p = _fold_tile(0, s, m_i, l_i, u_smem, r_smem, q_pos, tau, rk, cnt,
                                     n_all, n_list, j_start, j_lo, j_hi, t1, t2, W, qk_scale,
                                     0, CAUSAL, BN, STAGES, s_layout, dtype, True)
-    mbarrier.arrive(bars.index(K_FREE * STAGES), count=1)
+    mbarrier.arrive(bars.index(_bar(K_FREE, 0, STAGES)), count=1)
     # Step t: logits of tile t and the value product of tile t - 1 on the tensor cores,
     # tile t's gates and softmax meanwhile; then free tile t's keys and tile t - 1's
     # values.
     for t in range(1, n_t):
         slot = t % STAGES
-        prev = (t - 1) % STAGES
-        mbarrier.wait(bars.index(K_READY * STAGES + slot), (t // STAGES) & 1)
-        mbarrier.wait(bars.index(V_READY * STAGES + prev), ((t - 1) // STAGES) & 1)
+        prev = (t - 1) % (STAGES + 1)
+        mbarrier.wait(bars.index(_bar(K_READY, slot, STAGES)), (t // STAGES) & 1)
+        mbarrier.wait(bars.index(_bar(V_READY, prev, STAGES)), ((t - 1) // (STAGES + 1)) & 1)
         fence_async_shared()
         s = warpgroup_mma(q_w, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
                           is_async=True)
@@ -181,14 +196,14 @@ def _consumer(q_smem, k_smem, v_smem, u_smem, r_smem, ones_smem, bars, tau_ptr, 
                                         cnt, n_all, n_list, j_start, j_lo, j_hi, t1, t2, W,
                                         qk_scale, 2, CAUSAL, BN, STAGES, s_layout, dtype,
                                         True)
-        mbarrier.arrive(bars.index(K_FREE * STAGES + slot), count=1)
+        mbarrier.arrive(bars.index(_bar(K_FREE, slot, STAGES)), count=1)
         acc, l_acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, l_acc))
-        mbarrier.arrive(bars.index(V_FREE * STAGES + prev), count=1)
+        mbarrier.arrive(bars.index(_bar(V_FREE, prev, STAGES)), count=1)
         acc = acc * gl.convert_layout(alpha, row_o)[:, None]
         l_acc = l_acc * gl.convert_layout(alpha, row_l)[:, None]
 
-    last = (n_t - 1) % STAGES
-    mbarrier.wait(bars.index(V_READY * STAGES + last), ((n_t - 1) // STAGES) & 1)
+    last = (n_t - 1) % (STAGES + 1)
+    mbarrier.wait(bars.index(_bar(V_READY, last, STAGES)), ((n_t - 1) // (STAGES + 1)) & 1)
     fence_async_shared()
     acc = warpgroup_mma(gl.convert_layout(p, p_layout), v_smem.index(last), acc,
                         is_async=True)
@@ -251,22 +266,22 @@ def sparsek_attn_fwd_ws(
     fence_async_shared()
 
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], smem)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], smem)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES + 1, BN, D], smem)
     u_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BN], flat)
     r_smem = gl.allocate_shared_memory(gl.int32, [STAGES, BN], flat)
     # NL rows of ones, times which p gives the rows' sums on the tensor cores.
     ones_smem = gl.allocate_shared_memory(
         dtype, [NL, BN], gl.NVMMASharedLayout.get_default_for([NL, BN], dtype),
         value=gl.full([NL, BN], 1.0, dtype, ld))
-    # Four barriers a slot (bars.index(kind * STAGES + slot)): its keys ready, its values
-    # ready (one arrival per producer thread), its keys free, its values free (one per
-    # consumer).
-    bars = gl.allocate_shared_memory(gl.int64, [4 * STAGES, 1], mbarrier.MBarrierLayout())
+    # Two barriers a slot of either ring (_bar): its tile ready (one arrival per producer
+    # thread) and free (one per consumer).
+    bars = gl.allocate_shared_memory(gl.int64, [4 * STAGES + 2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
-        mbarrier.init(bars.index(K_READY * STAGES + i), count=128)
-        mbarrier.init(bars.index(V_READY * STAGES + i), count=128)
-        mbarrier.init(bars.index(K_FREE * STAGES + i), count=CONSUMERS)
-        mbarrier.init(bars.index(V_FREE * STAGES + i), count=CONSUMERS)
+        mbarrier.init(bars.index(_bar(K_READY, i, STAGES)), count=128)
+        mbarrier.init(bars.index(_bar(K_FREE, i, STAGES)), count=CONSUMERS)
+    for i in gl.static_range(STAGES + 1):
+        mbarrier.init(bars.index(_bar(V_READY, i, STAGES)), count=128)
+        mbarrier.init(bars.index(_bar(V_FREE, i, STAGES)), count=CONSUMERS)
     gl.thread_barrier()
 
     # The partitions' arguments are written out in each call: constexprs packed into a
