@@ -309,16 +309,18 @@ def sparsek_attn_fwd_ws(
         ], [4], [PRODUCER_REGS])
 
 
-# Per rows a program: (keys per tile, ring slots, consumer registers, producer registers),
+# Per rows a program: (keys per tile, key ring slots (the value ring has one more),
+# consumer registers, producer registers),
 # tuned per shape. The kernel's register cap (maxnreg) is what its warpgroups share:
 # 65536 registers an SM over 384 threads (128 rows, one program an SM), rounded down to
 # 8 -> 168 (2 x 224 + 56 = 3 x 168); over 2 x 256 threads for 64 rows (two programs an
 # SM) -> 128, where the one consumer gets what the producer leaves (216 + 40 = 2 x 128).
-# Measured on the H100 (NOTES v17): long-64k 64 x 4 at 216/72 7.24 ms, at 224/56
-# 7.47-7.59; 232/40 made the producer spill (v16); 128 keys a tile spill in the consumers
-# and took 8.4. Two programs of 64 rows an SM need two rings in shared memory: at most 2
-# slots of 64 keys (D = 128), or 4 of 32. gpt4-4k: 64 x 2 at 208/48 6.81 ms, 200/56 6.88,
-# 216/40 7.01 (the producer spills), 32 x 4 7.70, 64 x 3 (one program an SM) 9.97.
+# Measured on the H100 (NOTES v17, before the value ring's extra slot): long-64k 64 x 4 at
+# 216/72 7.24 ms, at 224/56 7.47-7.59; 232/40 made the producer spill (v16); 128 keys a
+# tile spill in the consumers and took 8.4. Two programs of 64 rows an SM need two sets
+# of rings in shared memory: at most 2 key slots of 64 keys (D = 128, 100596 bytes a
+# program), or 4 of 32. gpt4-4k: 64 x 2 at 208/48 6.81 ms, 200/56 6.88, 216/40 7.01 (the
+# producer spills), 32 x 4 7.70, 64 x 3 (one program an SM) 9.97.
 WS_CONFIGS = {128: [(64, 4, 224, 56), (64, 4, 216, 72), (64, 3, 216, 72)],
               64: [(64, 2, 208, 48), (64, 2, 200, 56), (32, 4, 208, 48)]}
 WS_MAXNREG = {128: 168, 64: 128}
@@ -340,10 +342,11 @@ def supported(q: torch.Tensor, rows: int) -> bool:
 def launch_kwargs(block_n: int, stages: int, consumer_regs: int | None = None,
                   producer_regs: int | None = None, rows: int = 128) -> dict:
     """Launch options of one tile for programs of `rows` rows (64 or 128): block_n keys a
-    step, stages (>= 2) ring slots, and the registers of each consumer and of the
-    producer (the first tuned tile's when not given): multiples of 8 from 24 to 256
-    (setmaxnreg's range), every warpgroup together within the kernel's cap,
-    consumers * consumer_regs + producer_regs <= (consumers + 1) * WS_MAXNREG[rows]."""
+    step, stages (>= 2) key ring slots (the value ring gets one more), and the registers
+    of each consumer and of the producer (the first tuned tile's when not given):
+    multiples of 8 from 24 to 256 (setmaxnreg's range), every warpgroup together within
+    the kernel's cap, consumers * consumer_regs + producer_regs <= (consumers + 1) *
+    WS_MAXNREG[rows]."""
     if rows not in ROWS:
         raise ValueError(f"the warp-specialized attention kernel runs programs of "
                          f"{' or '.join(map(str, ROWS))} rows; got {rows}")

@@ -182,7 +182,8 @@ class ForwardConfig:
     (gluon_attn: Hopper, float16/bfloat16, 64 or 128 rows a program; num_stages is then
     its shared-memory slots, at least 3, and num_warps follows the rows) or "ws"
     (gluon_ws_attn, warp-specialized: Hopper, float16/bfloat16, 64 or 128 rows a program;
-    num_stages is then its ring slots, at least 2; its warps are fixed).
+    num_stages is then its key ring slots, at least 2, the value ring one more; its
+    warps are fixed).
     On a GPU without an explicit config, the attention's kernel and tile are tuned per
     shape instead (triton_attn.ATTN_CONFIGS, gluon_attn.GLUON_CONFIGS,
     gluon_ws_attn.WS_CONFIGS), unless TUNE is off.
