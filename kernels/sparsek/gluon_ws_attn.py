@@ -310,8 +310,8 @@ def sparsek_attn_fwd_ws(
 
 
 # Per rows a program: (keys per tile, key ring slots (the value ring has one more),
-# consumer registers, producer registers),
-# tuned per shape. The kernel's register cap (maxnreg) is what its warpgroups share:
+# consumer registers, producer registers), tuned per shape. The kernel's register cap
+# (maxnreg) is what its warpgroups share:
 # 65536 registers an SM over 384 threads (128 rows, one program an SM), rounded down to
 # 8 -> 168 (2 x 224 + 56 = 3 x 168); over 2 x 256 threads for 64 rows (two programs an
 # SM) -> 128, where the one consumer gets what the producer leaves (216 + 40 = 2 x 128).
