@@ -31,7 +31,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from sparsek.triton_attn import dense_gate, dense_range
+from sparsek.triton_attn import dense_gate, dense_range, program_block
 
 
 @gluon.jit
@@ -48,22 +48,6 @@ def _positions(t, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, BN: gl.constexpr
         pos = j_start + (t - n_list) * BN + o_n
         m = (pos >= j_lo) & (pos <= j_hi) & (t < n_t)
     return pos, m
-
-
-@gluon.jit
-def _program(S, Hq, Hkv, ROW0: gl.constexpr, BM: gl.constexpr, HG: gl.constexpr):
-    """This program's block and rows (grid as in triton_fwd.attention_launch): (i_blk,
-    i_bh, i_b, i0, i1, head0): the query block, its (batch, kv head) row and batch, the
-    block's first and last query, and the first of the HG query heads it serves."""
-    i_blk = gl.program_id(0)
-    i_bh = ROW0 + gl.program_id(1)
-    i_hg = gl.program_id(2)
-    i_b = i_bh // Hkv
-    i_kv = i_bh % Hkv
-    i0 = i_blk * BM
-    i1 = gl.minimum(i0 + BM - 1, S - 1)
-    head0 = i_kv * (Hq // Hkv) + i_hg * HG
-    return i_blk, i_bh, i_b, i0, i1, head0
 
 
 @gluon.jit
@@ -283,7 +267,7 @@ def sparsek_attn_fwd_gluon(
     smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16,
                                               rank=2)
 
-    i_blk, i_bh, i_b, i0, i1, head0 = _program(S, Hq, Hkv, ROW0, BM, HG)
+    i_blk, i_bh, i_b, i0, i1, head0 = program_block(S, Hq, Hkv, ROW0, BM, HG)
     q_base = (i_b * Hq + head0).to(gl.int64) * S * D
     k_base, v_base, u_row, rank_row, p_g = _sources(k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr,
                                                     i_bh, i_blk, S, NBG, K, D)

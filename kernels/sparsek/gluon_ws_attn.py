@@ -43,11 +43,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from sparsek.gluon_attn import (
     _fold_tile,
     _positions,
-    _program,
     _selection,
     _sources,
     _tile_plan,
 )
+from sparsek.triton_attn import program_block
 
 # The kinds of barrier of a ring slot (see _bar).
 K_READY = gl.constexpr(0)
@@ -94,7 +94,7 @@ def _producer(k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, k_smem, v_smem, u_s
     have freed it."""
     # Copies move 16 bytes a thread along D, four warps.
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [4, 1], [1, 0])
-    i_blk, i_bh, i_b, i0, i1, head0 = _program(S, Hq, Hkv, ROW0, BM, HG)
+    i_blk, i_bh, i_b, i0, i1, head0 = program_block(S, Hq, Hkv, ROW0, BM, HG)
     rows: gl.constexpr = gl.SliceLayout(1, ld)
     n_sel, n_list, n_t, j_lo, j_hi, j_start, t1, t2 = _tiles(
         cnt_ptr, i_bh, i0, i1, S, W, CAUSAL, BM, BN, rows)
@@ -152,7 +152,7 @@ def _consumer(q_smem, k_smem, v_smem, u_smem, r_smem, ones_smem, bars, tau_ptr, 
     row_l: gl.constexpr = gl.SliceLayout(1, l_layout)
     flat: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
 
-    i_blk, i_bh, i_b, i0, i1, head0 = _program(S, Hq, Hkv, ROW0, BM, HG)
+    i_blk, i_bh, i_b, i0, i1, head0 = program_block(S, Hq, Hkv, ROW0, BM, HG)
     n_sel, n_list, n_t, j_lo, j_hi, j_start, t1, t2 = _tiles(
         cnt_ptr, i_bh, i0, i1, S, W, CAUSAL, BM, BN, flat)
 
@@ -250,7 +250,7 @@ def sparsek_attn_fwd_ws(
                                               rank=2)
     flat: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
 
-    i_blk, i_bh, i_b, i0, i1, head0 = _program(S, Hq, Hkv, ROW0, BM, HG)
+    i_blk, i_bh, i_b, i0, i1, head0 = program_block(S, Hq, Hkv, ROW0, BM, HG)
     q_base = (i_b * Hq + head0).to(gl.int64) * S * D
 
     # The block's queries, each consumer's rows in its own slot.

@@ -65,6 +65,23 @@ def _tile(b_q, k_base, v_base, pos, o_d, mask, D: tl.constexpr, PREC: tl.constex
 
 
 @triton.jit
+def program_block(S, Hq, Hkv, ROW0: tl.constexpr, BM: tl.constexpr, HG: tl.constexpr):
+    """This program's block and rows (grid as in triton_fwd.attention_launch: blocks, rows
+    from ROW0, head groups): (i_blk, i_bh, i_b, i0, i1, head0), the query block, its
+    (batch, kv head) row and batch, the block's first and last query, and the first of
+    the HG query heads it serves. Scalars only, so the Gluon kernels call it too."""
+    i_blk = tl.program_id(0)
+    i_bh = ROW0 + tl.program_id(1)
+    i_hg = tl.program_id(2)
+    i_b = i_bh // Hkv
+    i_kv = i_bh % Hkv
+    i0 = i_blk * BM
+    i1 = tl.minimum(i0 + BM - 1, S - 1)
+    head0 = i_kv * (Hq // Hkv) + i_hg * HG
+    return i_blk, i_bh, i_b, i0, i1, head0
+
+
+@triton.jit
 def sparsek_attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, tau_ptr, rk_ptr, cnt_ptr, o_ptr, lse_ptr,
     S, Hq, Hkv, NBG, K, W, qk_scale,
@@ -81,18 +98,11 @@ def sparsek_attn_fwd_kernel(
     under the CPU interpreter, whose bf16 dot is wrong.
     """
     M: tl.constexpr = HG * BM
-    i_blk = tl.program_id(0)
-    i_bh = ROW0 + tl.program_id(1)
-    i_hg = tl.program_id(2)
-    i_b = i_bh // Hkv
-    i_kv = i_bh % Hkv
-    i0 = i_blk * BM
-    i1 = tl.minimum(i0 + BM - 1, S - 1)  # the block's last query
+    i_blk, i_bh, i_b, i0, i1, head0 = program_block(S, Hq, Hkv, ROW0, BM, HG)
     o_m = tl.arange(0, M)
     o_d = tl.arange(0, D)
     q_pos = i0 + o_m % BM  # [M]
     m_q = q_pos < S
-    head0 = i_kv * (Hq // Hkv) + i_hg * HG
     # Scalar 64-bit bases, 32-bit tile offsets: S * D * HG stays far below 2**31 here.
     q_base = (i_b * Hq + head0).to(tl.int64) * S * D
     q_off = ((o_m // BM) * S + q_pos) * D  # [M]
