@@ -346,7 +346,7 @@ def launch_kwargs(block_n: int, stages: int, consumer_regs: int | None = None,
     of each consumer and of the producer (the first tuned tile's when not given):
     multiples of 8 from 24 to 256 (setmaxnreg's range), every warpgroup together within
     the kernel's cap, consumers * consumer_regs + producer_regs <= (consumers + 1) *
-    WS_MAXNREG[rows]."""
+    WS_MAXNREG[rows], exactly that with one consumer (it gets what the producer leaves)."""
     if rows not in ROWS:
         raise ValueError(f"the warp-specialized attention kernel runs programs of "
                          f"{' or '.join(map(str, ROWS))} rows; got {rows}")
@@ -365,6 +365,12 @@ def launch_kwargs(block_n: int, stages: int, consumer_regs: int | None = None,
                          f"{(consumers + 1) * cap} ({consumers + 1} warpgroups under the "
                          f"kernel's cap of {cap} a thread); got {consumers} x "
                          f"{consumer_regs} + {producer_regs}")
+    if consumers == 1 and consumer_regs + producer_regs != 2 * cap:
+        # The one consumer is the kernel's first partition, which gets what the producer
+        # leaves: a smaller count would be a label the kernel does not run with.
+        raise ValueError(f"with one consumer, consumer_regs is what the producer leaves: "
+                         f"2 x {cap} - {producer_regs} = {2 * cap - producer_regs}; got "
+                         f"{consumer_regs}")
     return dict(BN=block_n, STAGES=stages, CONSUMER_REGS=consumer_regs,
                 PRODUCER_REGS=producer_regs, num_warps=4, maxnreg=cap)
 

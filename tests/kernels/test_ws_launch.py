@@ -17,7 +17,9 @@ try:
 except (ImportError, AttributeError) as exc:  # a Triton build without Gluon's Hopper API
     print(json.dumps({"skip": repr(exc)}))
     raise SystemExit(0)
-out = {"default": ws.launch_kwargs(64, 4), "errors": []}
+out = {"default": ws.launch_kwargs(64, 4), "errors": [],
+       "tuned": [ws.launch_kwargs(*tile, rows=rows)["maxnreg"]
+                 for rows, tiles in ws.WS_CONFIGS.items() for tile in tiles]}
 for args in json.loads(sys.argv[1]):
     try:
         ws.launch_kwargs(*args)
@@ -34,6 +36,7 @@ BAD = [
     ((64, 4, 240, 56), "must be at most 504"),
     ((64, 2, 216, 56, 64), "1 x consumer_regs + producer_regs must be at most 256"),
     ((64, 2, None, None, 32), "runs programs of 64 or 128 rows; got 32"),
+    ((64, 2, 200, 48, 64), "what the producer leaves: 2 x 128 - 48 = 208; got 200"),
 ]
 
 
@@ -50,3 +53,5 @@ def test_ws_launch_options_refuse_what_the_gpu_cannot_run():
     for (_, want), got in zip(BAD, out["errors"]):
         assert got is not None and want in got
     assert out["errors"][-2:] == [None, None]  # 2 x 216 + 72 = 504 and 216 + 40 fit
+    # Every tile the tuner may pick is one the launch options accept, at its rows' cap.
+    assert sorted(set(out["tuned"])) == [128, 168]
