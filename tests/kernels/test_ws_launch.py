@@ -49,7 +49,7 @@ def test_ws_launch_options_refuse_what_the_gpu_cannot_run():
     if "skip" in out:
         pytest.skip(f"this Triton build has no Gluon Hopper API: {out['skip']}")
     # The default is the first tuned tile's split, which fills the kernel's cap exactly.
-    assert (out["default"]["CONSUMER_REGS"], out["default"]["PRODUCER_REGS"]) == (224, 56)
+    assert (out["default"]["CONSUMER_REGS"], out["default"]["PRODUCER_REGS"]) == (216, 72)
     for (_, want), got in zip(BAD, out["errors"]):
         assert got is not None and want in got
     assert out["errors"][-2:] == [None, None]  # 2 x 216 + 72 = 504 and 216 + 40 fit
