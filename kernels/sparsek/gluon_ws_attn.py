@@ -49,25 +49,8 @@ from sparsek.gluon_attn import (
 )
 from sparsek.triton_attn import program_block
 
-# The kinds of barrier of a ring slot (see _bar).
-K_READY = gl.constexpr(0)
-K_FREE = gl.constexpr(1)
-V_READY = gl.constexpr(2)
-V_FREE = gl.constexpr(3)
 # Rows of a consumer warpgroup: a warpgroup product's height.
 CONSUMER_ROWS = gl.constexpr(64)
-
-
-@gluon.jit
-def _bar(kind: gl.constexpr, slot, STAGES: gl.constexpr):
-    """Where slot `slot`'s barrier of `kind` is in the barrier array: the key ring's
-    ready and free barriers (STAGES each), then the value ring's (STAGES + 1 each: a
-    value slot is held one step longer than its tile's key slot, until the value
-    product of the step after)."""
-    if kind < V_READY:  # K_READY or K_FREE
-        return kind * STAGES + slot
-    else:
-        return 2 * STAGES + (kind - V_READY) * (STAGES + 1) + slot
 
 
 @gluon.jit
@@ -86,49 +69,56 @@ def _tiles(cnt_ptr, i_bh, i0, i1, S, W, CAUSAL: gl.constexpr, BM: gl.constexpr,
 
 @gluon.jit
 def _producer(k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, k_smem, v_smem, u_smem, r_smem,
-              bars, S, Hq, Hkv, NBG, K, W, ROW0: gl.constexpr, CAUSAL: gl.constexpr,
-              BM: gl.constexpr, HG: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
-              STAGES: gl.constexpr):
+              k_ready, k_free, v_ready, v_free, S, Hq, Hkv, NBG, K, W, ROW0: gl.constexpr,
+              CAUSAL: gl.constexpr, BM: gl.constexpr, HG: gl.constexpr, BN: gl.constexpr,
+              D: gl.constexpr, STAGES: gl.constexpr):
     """Copy tile t's keys (with their scores and sort ranks) into slot t % STAGES of their
     ring and its values into slot t % (STAGES + 1) of theirs, each once the consumers
-    have freed it."""
-    # Copies move 16 bytes a thread along D, four warps.
+    have freed it.
+
+    The producer shares each scheduler with the consumers, and its instructions showed in
+    their time (NOTES v18), so it issues few: keys and values move 16 bytes a thread
+    along D, and a row's score and sort rank are copied only by the threads that hold the
+    row in a layout of one row a thread (in the copy layout sixteen threads hold each
+    row, and all of them copied it)."""
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [4, 1], [1, 0])
+    by_row: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [4, 1], [1, 0])
     i_blk, i_bh, i_b, i0, i1, head0 = program_block(S, Hq, Hkv, ROW0, BM, HG)
-    rows: gl.constexpr = gl.SliceLayout(1, ld)
     n_sel, n_list, n_t, j_lo, j_hi, j_start, t1, t2 = _tiles(
-        cnt_ptr, i_bh, i0, i1, S, W, CAUSAL, BM, BN, rows)
+        cnt_ptr, i_bh, i0, i1, S, W, CAUSAL, BM, BN, gl.SliceLayout(1, ld))
     k_base, v_base, u_row, rank_row, p_g = _sources(k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr,
                                                     i_bh, i_blk, S, NBG, K, D)
     o_d = gl.arange(0, D, layout=gl.SliceLayout(0, ld))
 
-    # Each tile's rows are read before waiting for its slots, so that read overlaps the
-    # wait.
+    # Each tile's rows are read (in both layouts) before waiting for its slots, so that
+    # read overlaps the wait.
     pos, m = _positions(0, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, BN, ld)
+    pos_r, m_r = _positions(0, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, BN, by_row)
     for t in range(n_t):
         slot = t % STAGES
         v_slot = t % (STAGES + 1)
         off = (pos * D)[:, None] + o_d[None, :]
         # A fresh barrier counts as freed once: round 0 passes at once.
-        mbarrier.wait(bars.index(_bar(K_FREE, slot, STAGES)), ((t // STAGES) & 1) ^ 1)
+        mbarrier.wait(k_free.index(slot), ((t // STAGES) & 1) ^ 1)
         async_copy.async_copy_global_to_shared(k_smem.index(slot), k_base + off,
                                                mask=m[:, None])
-        async_copy.async_copy_global_to_shared(u_smem.index(slot), u_row + pos, mask=m)
-        async_copy.async_copy_global_to_shared(r_smem.index(slot), rank_row + pos, mask=m)
+        async_copy.async_copy_global_to_shared(u_smem.index(slot), u_row + pos_r, mask=m_r)
+        async_copy.async_copy_global_to_shared(r_smem.index(slot), rank_row + pos_r,
+                                               mask=m_r)
         # Every thread's arrival fires when its own copies so far have landed.
-        async_copy.mbarrier_arrive(bars.index(_bar(K_READY, slot, STAGES)),
-                                   increment_count=False)
-        mbarrier.wait(bars.index(_bar(V_FREE, v_slot, STAGES)),
-                      ((t // (STAGES + 1)) & 1) ^ 1)
+        async_copy.mbarrier_arrive(k_ready.index(slot), increment_count=False)
+        mbarrier.wait(v_free.index(v_slot), ((t // (STAGES + 1)) & 1) ^ 1)
         async_copy.async_copy_global_to_shared(v_smem.index(v_slot), v_base + off,
                                                mask=m[:, None])
-        async_copy.mbarrier_arrive(bars.index(_bar(V_READY, v_slot, STAGES)),
-                                   increment_count=False)
+        async_copy.mbarrier_arrive(v_ready.index(v_slot), increment_count=False)
         pos, m = _positions(t + 1, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, BN, ld)
+        pos_r, m_r = _positions(t + 1, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, BN,
+                                by_row)
 
 
 @gluon.jit
-def _consumer(q_smem, k_smem, v_smem, u_smem, r_smem, ones_smem, bars, tau_ptr, rk_ptr, cnt_ptr,
+def _consumer(q_smem, k_smem, v_smem, u_smem, r_smem, ones_smem, k_ready, k_free, v_ready,
+              v_free, tau_ptr, rk_ptr, cnt_ptr,
               o_ptr, lse_ptr, S, Hq, Hkv, K, W, qk_scale, WG: gl.constexpr,
               ROW0: gl.constexpr, CAUSAL: gl.constexpr, BM: gl.constexpr, HG: gl.constexpr,
               BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr):
@@ -170,22 +160,22 @@ def _consumer(q_smem, k_smem, v_smem, u_smem, r_smem, ones_smem, bars, tau_ptr, 
     s_zero = gl.zeros([M2, BN], gl.float32, s_layout)
 
     # Step 0: the logits of tile 0 and their softmax; no value product yet.
-    mbarrier.wait(bars.index(_bar(K_READY, 0, STAGES)), 0)
+    mbarrier.wait(k_ready.index(0), 0)
     fence_async_shared()  # cp.async wrote the slot; the products read it
     s = warpgroup_mma(q_w, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
                       is_async=True)
     m_i, l_i, alpha, p = _fold_tile(0, s, m_i, l_i, u_smem, r_smem, q_pos, tau, rk, cnt,
                                     n_all, n_list, j_start, j_lo, j_hi, t1, t2, W, qk_scale,
                                     0, CAUSAL, BN, STAGES, s_layout, dtype, True)
-    mbarrier.arrive(bars.index(_bar(K_FREE, 0, STAGES)), count=1)
+    mbarrier.arrive(k_free.index(0), count=1)
     # Step t: logits of tile t and the value product of tile t - 1 on the tensor cores,
     # tile t's gates and softmax meanwhile; then free tile t's keys and tile t - 1's
     # values.
     for t in range(1, n_t):
         slot = t % STAGES
         prev = (t - 1) % (STAGES + 1)
-        mbarrier.wait(bars.index(_bar(K_READY, slot, STAGES)), (t // STAGES) & 1)
-        mbarrier.wait(bars.index(_bar(V_READY, prev, STAGES)), ((t - 1) // (STAGES + 1)) & 1)
+        mbarrier.wait(k_ready.index(slot), (t // STAGES) & 1)
+        mbarrier.wait(v_ready.index(prev), ((t - 1) // (STAGES + 1)) & 1)
         fence_async_shared()
         s = warpgroup_mma(q_w, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
                           is_async=True)
@@ -196,14 +186,14 @@ def _consumer(q_smem, k_smem, v_smem, u_smem, r_smem, ones_smem, bars, tau_ptr, 
                                         cnt, n_all, n_list, j_start, j_lo, j_hi, t1, t2, W,
                                         qk_scale, 2, CAUSAL, BN, STAGES, s_layout, dtype,
                                         True)
-        mbarrier.arrive(bars.index(_bar(K_FREE, slot, STAGES)), count=1)
+        mbarrier.arrive(k_free.index(slot), count=1)
         acc, l_acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, l_acc))
-        mbarrier.arrive(bars.index(_bar(V_FREE, prev, STAGES)), count=1)
+        mbarrier.arrive(v_free.index(prev), count=1)
         acc = acc * gl.convert_layout(alpha, row_o)[:, None]
         l_acc = l_acc * gl.convert_layout(alpha, row_l)[:, None]
 
     last = (n_t - 1) % (STAGES + 1)
-    mbarrier.wait(bars.index(_bar(V_READY, last, STAGES)), ((n_t - 1) // (STAGES + 1)) & 1)
+    mbarrier.wait(v_ready.index(last), ((n_t - 1) // (STAGES + 1)) & 1)
     fence_async_shared()
     acc = warpgroup_mma(gl.convert_layout(p, p_layout), v_smem.index(last), acc,
                         is_async=True)
@@ -273,39 +263,45 @@ def sparsek_attn_fwd_ws(
     ones_smem = gl.allocate_shared_memory(
         dtype, [NL, BN], gl.NVMMASharedLayout.get_default_for([NL, BN], dtype),
         value=gl.full([NL, BN], 1.0, dtype, ld))
-    # Two barriers a slot of either ring (_bar): its tile ready (one arrival per producer
-    # thread) and free (one per consumer).
-    bars = gl.allocate_shared_memory(gl.int64, [4 * STAGES + 2, 1], mbarrier.MBarrierLayout())
+    # Two barriers a slot of either ring: its tile ready (one arrival per producer thread)
+    # and free (one per consumer). Each kind is an allocation of its own: the compiler's
+    # shared-memory hazard analysis sees one allocation as one buffer, so with all four in
+    # one, every wait after an arrive (on any slot) took a barrier of the partition's warps
+    # (four a tile in the producer, down to one).
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES + 1, 1], mbarrier.MBarrierLayout())
+    v_free = gl.allocate_shared_memory(gl.int64, [STAGES + 1, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
-        mbarrier.init(bars.index(_bar(K_READY, i, STAGES)), count=128)
-        mbarrier.init(bars.index(_bar(K_FREE, i, STAGES)), count=CONSUMERS)
+        mbarrier.init(k_ready.index(i), count=128)
+        mbarrier.init(k_free.index(i), count=CONSUMERS)
     for i in gl.static_range(STAGES + 1):
-        mbarrier.init(bars.index(_bar(V_READY, i, STAGES)), count=128)
-        mbarrier.init(bars.index(_bar(V_FREE, i, STAGES)), count=CONSUMERS)
+        mbarrier.init(v_ready.index(i), count=128)
+        mbarrier.init(v_free.index(i), count=CONSUMERS)
     gl.thread_barrier()
 
     # The partitions' arguments are written out in each call: constexprs packed into a
     # tuple variable would lose their constness.
     if CONSUMERS == 2:
         gl.warp_specialize([
-            (_consumer, (q_smem, k_smem, v_smem, u_smem, r_smem, ones_smem, bars, tau_ptr,
-                         rk_ptr, cnt_ptr, o_ptr, lse_ptr, S, Hq, Hkv, K, W, qk_scale, 0, ROW0,
-                         CAUSAL, BM, HG, BN, D, STAGES)),
-            (_consumer, (q_smem, k_smem, v_smem, u_smem, r_smem, ones_smem, bars, tau_ptr,
-                         rk_ptr, cnt_ptr, o_ptr, lse_ptr, S, Hq, Hkv, K, W, qk_scale, 1, ROW0,
-                         CAUSAL, BM, HG, BN, D, STAGES)),
+            (_consumer, (q_smem, k_smem, v_smem, u_smem, r_smem, ones_smem, k_ready, k_free,
+                         v_ready, v_free, tau_ptr, rk_ptr, cnt_ptr, o_ptr, lse_ptr, S, Hq,
+                         Hkv, K, W, qk_scale, 0, ROW0, CAUSAL, BM, HG, BN, D, STAGES)),
+            (_consumer, (q_smem, k_smem, v_smem, u_smem, r_smem, ones_smem, k_ready, k_free,
+                         v_ready, v_free, tau_ptr, rk_ptr, cnt_ptr, o_ptr, lse_ptr, S, Hq,
+                         Hkv, K, W, qk_scale, 1, ROW0, CAUSAL, BM, HG, BN, D, STAGES)),
             (_producer, (k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, k_smem, v_smem,
-                         u_smem, r_smem, bars, S, Hq, Hkv, NBG, K, W, ROW0, CAUSAL, BM, HG,
-                         BN, D, STAGES)),
+                         u_smem, r_smem, k_ready, k_free, v_ready, v_free, S, Hq, Hkv, NBG,
+                         K, W, ROW0, CAUSAL, BM, HG, BN, D, STAGES)),
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
-            (_consumer, (q_smem, k_smem, v_smem, u_smem, r_smem, ones_smem, bars, tau_ptr,
-                         rk_ptr, cnt_ptr, o_ptr, lse_ptr, S, Hq, Hkv, K, W, qk_scale, 0, ROW0,
-                         CAUSAL, BM, HG, BN, D, STAGES)),
+            (_consumer, (q_smem, k_smem, v_smem, u_smem, r_smem, ones_smem, k_ready, k_free,
+                         v_ready, v_free, tau_ptr, rk_ptr, cnt_ptr, o_ptr, lse_ptr, S, Hq,
+                         Hkv, K, W, qk_scale, 0, ROW0, CAUSAL, BM, HG, BN, D, STAGES)),
             (_producer, (k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, k_smem, v_smem,
-                         u_smem, r_smem, bars, S, Hq, Hkv, NBG, K, W, ROW0, CAUSAL, BM, HG,
-                         BN, D, STAGES)),
+                         u_smem, r_smem, k_ready, k_free, v_ready, v_free, S, Hq, Hkv, NBG,
+                         K, W, ROW0, CAUSAL, BM, HG, BN, D, STAGES)),
         ], [4], [PRODUCER_REGS])
 
 
