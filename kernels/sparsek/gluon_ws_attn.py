@@ -68,6 +68,16 @@ def _tiles(cnt_ptr, i_bh, i0, i1, S, W, CAUSAL: gl.constexpr, BM: gl.constexpr,
 
 
 @gluon.jit
+def _rows(t, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, BN: gl.constexpr,
+          lay: gl.constexpr):
+    """The rows tile t copies (see gluon_attn._positions), row 0 in place of those that
+    do not exist: the consumers' gates and masks drop those keys, so the copies need no
+    predicate (a masked copy costs the producer instructions a row and copy)."""
+    pos, m = _positions(t, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, BN, lay)
+    return gl.where(m, pos, 0)
+
+
+@gluon.jit
 def _producer(k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, k_smem, v_smem, u_smem, r_smem,
               k_ready, k_free, v_ready, v_free, S, Hq, Hkv, NBG, K, W, ROW0: gl.constexpr,
               CAUSAL: gl.constexpr, BM: gl.constexpr, HG: gl.constexpr, BN: gl.constexpr,
@@ -92,28 +102,24 @@ def _producer(k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, k_smem, v_smem, u_s
 
     # Each tile's rows are read (in both layouts) before waiting for its slots, so that
     # read overlaps the wait.
-    pos, m = _positions(0, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, BN, ld)
-    pos_r, m_r = _positions(0, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, BN, by_row)
+    pos = _rows(0, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, BN, ld)
+    pos_r = _rows(0, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, BN, by_row)
     for t in range(n_t):
         slot = t % STAGES
         v_slot = t % (STAGES + 1)
         off = (pos * D)[:, None] + o_d[None, :]
         # A fresh barrier counts as freed once: round 0 passes at once.
         mbarrier.wait(k_free.index(slot), ((t // STAGES) & 1) ^ 1)
-        async_copy.async_copy_global_to_shared(k_smem.index(slot), k_base + off,
-                                               mask=m[:, None])
-        async_copy.async_copy_global_to_shared(u_smem.index(slot), u_row + pos_r, mask=m_r)
-        async_copy.async_copy_global_to_shared(r_smem.index(slot), rank_row + pos_r,
-                                               mask=m_r)
+        async_copy.async_copy_global_to_shared(k_smem.index(slot), k_base + off)
+        async_copy.async_copy_global_to_shared(u_smem.index(slot), u_row + pos_r)
+        async_copy.async_copy_global_to_shared(r_smem.index(slot), rank_row + pos_r)
         # Every thread's arrival fires when its own copies so far have landed.
         async_copy.mbarrier_arrive(k_ready.index(slot), increment_count=False)
         mbarrier.wait(v_free.index(v_slot), ((t // (STAGES + 1)) & 1) ^ 1)
-        async_copy.async_copy_global_to_shared(v_smem.index(v_slot), v_base + off,
-                                               mask=m[:, None])
+        async_copy.async_copy_global_to_shared(v_smem.index(v_slot), v_base + off)
         async_copy.mbarrier_arrive(v_ready.index(v_slot), increment_count=False)
-        pos, m = _positions(t + 1, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, BN, ld)
-        pos_r, m_r = _positions(t + 1, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, BN,
-                                by_row)
+        pos = _rows(t + 1, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, BN, ld)
+        pos_r = _rows(t + 1, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, BN, by_row)
 
 
 @gluon.jit
