@@ -19,10 +19,11 @@ products (or the other program's) can hold the tensor cores. Registers move to w
 they are used (the compiler's ``setmaxnreg`` from each partition's count): the consumers
 hold the accumulators, the producer little more than addresses.
 
-Measured on the H100 (``kernels/NOTES.md``, v16 and v17): the consumers' instructions,
-not memory, bound this kernel, so they are kept few: the rows' weight sums come from the
-tensor cores (the rounded weights times a few columns of ones, next to the value
-product), weights are rounded two an instruction and gates clipped in one. Float16 and
+Measured on the H100 (``kernels/NOTES.md``, v16 to v18): the instructions its warps
+issue, the producer's included, not memory, bound this kernel, so they are kept few: the
+rows' weight sums come from the tensor cores (the rounded weights times a few columns of
+ones, next to the value product), weights are rounded two an instruction and gates
+clipped in one, and the producer copies without predicates, each score once. Float16 and
 bfloat16 only, 64 or 128 rows a program.
 """
 
