@@ -125,10 +125,9 @@ def _producer(k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, k_smem, v_smem, u_s
 
 @gluon.jit
 def _consumer(q_smem, k_smem, v_smem, u_smem, r_smem, ones_smem, k_ready, k_free, v_ready,
-              v_free, tau_ptr, rk_ptr, cnt_ptr,
-              o_ptr, lse_ptr, S, Hq, Hkv, K, W, qk_scale, WG: gl.constexpr,
-              ROW0: gl.constexpr, CAUSAL: gl.constexpr, BM: gl.constexpr, HG: gl.constexpr,
-              BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr):
+              v_free, tau_ptr, rk_ptr, cnt_ptr, o_ptr, lse_ptr, S, Hq, Hkv, K, W, qk_scale,
+              WG: gl.constexpr, ROW0: gl.constexpr, CAUSAL: gl.constexpr, BM: gl.constexpr,
+              HG: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr):
     """Rows WG * M2 .. WG * M2 + M2 - 1 of the program (M2 = 64; row h * BM + i is query
     i0 + i of the group's head h): their online softmax over every tile, then o and
     lse."""
