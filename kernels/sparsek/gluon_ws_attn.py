@@ -79,10 +79,9 @@ def _rows(t, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, BN: gl.constexpr,
 
 
 @gluon.jit
-def _producer(k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, k_smem, v_smem, u_smem, r_smem,
-              k_ready, k_free, v_ready, v_free, S, Hq, Hkv, NBG, K, W, ROW0: gl.constexpr,
-              CAUSAL: gl.constexpr, BM: gl.constexpr, HG: gl.constexpr, BN: gl.constexpr,
-              D: gl.constexpr, STAGES: gl.constexpr):
+def _producer(k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, rings, S, Hq, Hkv, NBG, K, W,
+              ROW0: gl.constexpr, CAUSAL: gl.constexpr, BM: gl.constexpr, HG: gl.constexpr,
+              BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr):
     """Copy tile t's keys (with their scores and sort ranks) into slot t % STAGES of their
     ring and its values into slot t % (STAGES + 1) of theirs, each once the consumers
     have freed it.
@@ -92,6 +91,7 @@ def _producer(k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, k_smem, v_smem, u_s
     along D, and a row's score and sort rank are copied only by the threads that hold the
     row in a layout of one row a thread (in the copy layout sixteen threads hold each
     row, and all of them copied it)."""
+    k_smem, v_smem, u_smem, r_smem, k_ready, k_free, v_ready, v_free = rings
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [4, 1], [1, 0])
     by_row: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [4, 1], [1, 0])
     i_blk, i_bh, i_b, i0, i1, head0 = program_block(S, Hq, Hkv, ROW0, BM, HG)
@@ -101,8 +101,10 @@ def _producer(k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, k_smem, v_smem, u_s
                                                     i_bh, i_blk, S, NBG, K, D)
     o_d = gl.arange(0, D, layout=gl.SliceLayout(0, ld))
 
-    # Each tile's rows are read (in both layouts) before waiting for its slots, so that
-    # read overlaps the wait.
+    # Each tile's rows are read before waiting for its slots, so that read overlaps the
+    # wait. They are read twice, once in each layout: the second read hits the cache,
+    # where converting between the layouts would go through shared memory and a barrier
+    # of the four warps.
     pos = _rows(0, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, BN, ld)
     pos_r = _rows(0, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, BN, by_row)
     for t in range(n_t):
@@ -124,13 +126,14 @@ def _producer(k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, k_smem, v_smem, u_s
 
 
 @gluon.jit
-def _consumer(q_smem, k_smem, v_smem, u_smem, r_smem, ones_smem, k_ready, k_free, v_ready,
-              v_free, tau_ptr, rk_ptr, cnt_ptr, o_ptr, lse_ptr, S, Hq, Hkv, K, W, qk_scale,
-              WG: gl.constexpr, ROW0: gl.constexpr, CAUSAL: gl.constexpr, BM: gl.constexpr,
-              HG: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr):
+def _consumer(q_smem, ones_smem, rings, tau_ptr, rk_ptr, cnt_ptr, o_ptr, lse_ptr, S, Hq, Hkv,
+              K, W, qk_scale, WG: gl.constexpr, ROW0: gl.constexpr, CAUSAL: gl.constexpr,
+              BM: gl.constexpr, HG: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
+              STAGES: gl.constexpr):
     """Rows WG * M2 .. WG * M2 + M2 - 1 of the program (M2 = 64; row h * BM + i is query
     i0 + i of the group's head h): their online softmax over every tile, then o and
     lse."""
+    k_smem, v_smem, u_smem, r_smem, k_ready, k_free, v_ready, v_free = rings
     M2: gl.constexpr = CONSUMER_ROWS
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -286,27 +289,24 @@ def sparsek_attn_fwd_ws(
         mbarrier.init(v_free.index(i), count=CONSUMERS)
     gl.thread_barrier()
 
+    # The rings and their barriers, as every partition takes them.
+    rings = (k_smem, v_smem, u_smem, r_smem, k_ready, k_free, v_ready, v_free)
     # The partitions' arguments are written out in each call: constexprs packed into a
     # tuple variable would lose their constness.
     if CONSUMERS == 2:
         gl.warp_specialize([
-            (_consumer, (q_smem, k_smem, v_smem, u_smem, r_smem, ones_smem, k_ready, k_free,
-                         v_ready, v_free, tau_ptr, rk_ptr, cnt_ptr, o_ptr, lse_ptr, S, Hq,
-                         Hkv, K, W, qk_scale, 0, ROW0, CAUSAL, BM, HG, BN, D, STAGES)),
-            (_consumer, (q_smem, k_smem, v_smem, u_smem, r_smem, ones_smem, k_ready, k_free,
-                         v_ready, v_free, tau_ptr, rk_ptr, cnt_ptr, o_ptr, lse_ptr, S, Hq,
-                         Hkv, K, W, qk_scale, 1, ROW0, CAUSAL, BM, HG, BN, D, STAGES)),
-            (_producer, (k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, k_smem, v_smem,
-                         u_smem, r_smem, k_ready, k_free, v_ready, v_free, S, Hq, Hkv, NBG,
+            (_consumer, (q_smem, ones_smem, rings, tau_ptr, rk_ptr, cnt_ptr, o_ptr, lse_ptr, S,
+                         Hq, Hkv, K, W, qk_scale, 0, ROW0, CAUSAL, BM, HG, BN, D, STAGES)),
+            (_consumer, (q_smem, ones_smem, rings, tau_ptr, rk_ptr, cnt_ptr, o_ptr, lse_ptr, S,
+                         Hq, Hkv, K, W, qk_scale, 1, ROW0, CAUSAL, BM, HG, BN, D, STAGES)),
+            (_producer, (k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, rings, S, Hq, Hkv, NBG,
                          K, W, ROW0, CAUSAL, BM, HG, BN, D, STAGES)),
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
-            (_consumer, (q_smem, k_smem, v_smem, u_smem, r_smem, ones_smem, k_ready, k_free,
-                         v_ready, v_free, tau_ptr, rk_ptr, cnt_ptr, o_ptr, lse_ptr, S, Hq,
-                         Hkv, K, W, qk_scale, 0, ROW0, CAUSAL, BM, HG, BN, D, STAGES)),
-            (_producer, (k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, k_smem, v_smem,
-                         u_smem, r_smem, k_ready, k_free, v_ready, v_free, S, Hq, Hkv, NBG,
+            (_consumer, (q_smem, ones_smem, rings, tau_ptr, rk_ptr, cnt_ptr, o_ptr, lse_ptr, S,
+                         Hq, Hkv, K, W, qk_scale, 0, ROW0, CAUSAL, BM, HG, BN, D, STAGES)),
+            (_producer, (k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, rings, S, Hq, Hkv, NBG,
                          K, W, ROW0, CAUSAL, BM, HG, BN, D, STAGES)),
         ], [4], [PRODUCER_REGS])
 
