@@ -55,8 +55,10 @@ SELECT_ROWS = 8
 # on random scores): each takes every GATED_PROGRAMS-th query group of its row.
 GATED_PROGRAMS = 8
 # Register slots for the scores that bend inside a block's threshold bracket (the causal
-# fast path); a block with more takes the generic path.
-SLOTS = 32
+# fast path); a block with more takes the generic path. The per-query kernel is bound by
+# the instructions it issues, and every Newton step evaluates all its slots: long-64k's
+# selection 1.43-1.44 ms with 32 slots, 1.40-1.41 with 16, 1.36-1.37 with 8 (H100).
+SLOTS = 8
 # The causal scan solves its first threshold over the first K + 1 scores held in registers,
 # so it serves budgets up to SCAN_MAX_BUDGET (-1: never). A walk that crosses more than
 # SCAN_MAX_ENDS piece ends for one new score flags its row, which the per-query kernels
@@ -359,7 +361,7 @@ def _select_causal(scores, z, sp, rank, budget, window, cfg) -> Selection:
     sparsek_block_causal_fwd_kernel[(groups * bh,)](
         z, sp, rank, scores, lists, bf, bi, tau, rk, cnt, flag, seq_len, nbnd, budget,
         window, MAX_NEWTON, groups, BM=cfg.block_m, BQ=sub, NS=SLOTS, CHX=64,
-        LOGK=budget.bit_length(), GATED=scan, num_warps=BLOCK_CAUSAL_WARPS,
+        GATED=scan, num_warps=BLOCK_CAUSAL_WARPS,
         **_cap(BLOCK_CAUSAL_MAX_REGISTERS))
     return Selection(lists, rank, tau, rk, cnt, scores)
 

@@ -346,41 +346,38 @@ def _boundary_threshold(z_ptr, sp_ptr, lr_ptr, row, l_row, use_l, n_src, z_k, r_
 
 
 @triton.jit
-def _count_less(g_ptr, rank_ptr, row, n_g, r_e, LOGK: tl.constexpr):
-    """#{m < n_g : rank[g[m]] < r_e} for each r_e [BM], by binary search of the sorted list."""
-    lo = r_e * 0
-    hi = lo + n_g
-    for _ in tl.static_range(LOGK):
-        m_act = lo < hi
-        mid = (lo + hi) // 2
-        pos = tl.load(g_ptr + mid, mask=m_act, other=0)
-        r_m = tl.load(rank_ptr + row + pos, mask=m_act, other=0)
-        right = m_act & (r_m < r_e)
-        lo = tl.where(right, mid + 1, lo)
-        hi = tl.where(m_act & (r_m >= r_e), mid, hi)
-    return lo
-
-
-@triton.jit
-def _cut_from_extras(g_ptr, rank_ptr, row, n_g, K, m_e, r_e, LOGK: tl.constexpr,
-                     BQ: tl.constexpr):
+def _cut_from_extras(g_ptr, rank_ptr, row, n_g, K, m_e, r_e, BQ: tl.constexpr,
+                     BM: tl.constexpr):
     """Each query's cut given the list and its extras m_e [BQ, BM] (ranks r_e [BM]).
 
     An extra's rank in the union is 1 + (list entries above it) + (own extras above it);
     the K best of the union are the first ``cnt`` list entries plus the extras whose union
-    rank is <= K. Returns (cnt [BM], rk [BM]: the largest selected global rank).
+    rank is <= K. Returns (cnt [BQ], rk [BQ]: the largest selected global rank).
+
+    A query has fewer than BM extras, so only the list's last BM places can decide: an
+    extra with at most K - BM list entries above it is selected however many of its own
+    extras beat it, and every cnt is at least K - BM + 1. So the list is read at entries
+    K - BM .. K - 1 only (one load of positions, one of their ranks), and an extra above
+    all of them counts as having K - BM above it, which selects it as its true count
+    does. (A binary search of the whole list per extra issued more instructions.)
     """
-    above_g = _count_less(g_ptr, rank_ptr, row, n_g, r_e, LOGK)
+    w0 = tl.maximum(K - BM, 0)
+    o_w = w0 + tl.arange(0, BM)
+    m_w = o_w < n_g
+    pos_w = tl.load(g_ptr + o_w, mask=m_w, other=0)
+    # The list holds ranks in ascending order; entries past its end never count as above.
+    r_w = tl.load(rank_ptr + row + pos_w, mask=m_w, other=2147483647)
+    above_g = w0 + tl.sum((r_w[:, None] < r_e[None, :]).to(tl.int32), axis=0)  # [BM e]
     gt = (r_e[:, None] < r_e[None, :]).to(tl.float16)  # [BM e', BM e]: e' beats e
     above_e = tl.dot(m_e.to(tl.float16), gt, out_dtype=tl.float32).to(tl.int32)
     sel = m_e & (above_g[None, :] + above_e + 1 <= K)
     cnt = K - tl.sum(sel.to(tl.int32), axis=1)
     rk_e = tl.max(tl.where(sel, r_e[None, :], -1), axis=1)
+    # The last list entry a query keeps (entry cnt - 1, inside the window read above).
     # Only queries with more than K candidates have cnt <= n_g; the others are overwritten.
-    has_g = (cnt >= 1) & (cnt <= n_g)
-    pos = tl.load(g_ptr + tl.maximum(cnt - 1, 0), mask=has_g, other=0)
-    rk_g = tl.load(rank_ptr + row + pos, mask=has_g, other=-1)
-    return cnt, tl.maximum(rk_e, tl.where(has_g, rk_g, -1))
+    at = (o_w[None, :] == cnt[:, None] - 1) & m_w[None, :]
+    rk_g = tl.max(tl.where(at, r_w[None, :], -1), axis=1)
+    return cnt, tl.maximum(rk_e, rk_g)
 
 
 @triton.jit
@@ -441,7 +438,7 @@ def sparsek_block_causal_fwd_kernel(
     z_ptr, sp_ptr, rank_ptr, u_ptr, g_ptr, bf_ptr, bi_ptr, tau_ptr, rk_ptr, cnt_ptr, flag_ptr,
     S, NBND, K, W, MAXIT, GROUPS,
     BM: tl.constexpr, BQ: tl.constexpr, NS: tl.constexpr, CHX: tl.constexpr,
-    LOGK: tl.constexpr, GATED: tl.constexpr,
+    GATED: tl.constexpr,
 ):
     """Causal per-query selection of BQ queries of one block: tau, rk and cnt [BH, S].
 
@@ -462,18 +459,16 @@ def sparsek_block_causal_fwd_kernel(
             for i_sub in range(i_grp, n_sub, GROUPS):
                 _block_causal(z_ptr, sp_ptr, rank_ptr, u_ptr, g_ptr, bf_ptr, bi_ptr, tau_ptr,
                               rk_ptr, cnt_ptr, i_bh, i_sub, S, NBND, K, W, MAXIT, BM, BQ, NS,
-                              CHX, LOGK)
+                              CHX)
     else:
         _block_causal(z_ptr, sp_ptr, rank_ptr, u_ptr, g_ptr, bf_ptr, bi_ptr, tau_ptr, rk_ptr,
-                      cnt_ptr, i_bh, i_grp, S, NBND, K, W, MAXIT, BM, BQ, NS, CHX,
-                      LOGK)
+                      cnt_ptr, i_bh, i_grp, S, NBND, K, W, MAXIT, BM, BQ, NS, CHX)
 
 
 @triton.jit
 def _block_causal(z_ptr, sp_ptr, rank_ptr, u_ptr, g_ptr, bf_ptr, bi_ptr, tau_ptr, rk_ptr,
                   cnt_ptr, i_bh, i_sub, S, NBND, K, W, MAXIT, BM: tl.constexpr,
-                  BQ: tl.constexpr, NS: tl.constexpr, CHX: tl.constexpr,
-                  LOGK: tl.constexpr):
+                  BQ: tl.constexpr, NS: tl.constexpr, CHX: tl.constexpr):
     NSUB: tl.constexpr = BM // BQ
     i_blk = i_sub // NSUB
     o_q = (i_sub % NSUB) * BQ + tl.arange(0, BQ)  # query index in the block
@@ -494,7 +489,7 @@ def _block_causal(z_ptr, sp_ptr, rank_ptr, u_ptr, g_ptr, bf_ptr, bi_ptr, tau_ptr
     big = m_q & (n_c > K)
     # Query q (index in block) has the extras with index < q.
     m_e = big[:, None] & m_eok[None, :] & (o_e[None, :] < o_q[:, None])  # [BQ, BM]
-    cnt, rk = _cut_from_extras(p_g, rank_ptr, row, n_g, K, m_e, r_e, LOGK, BQ)
+    cnt, rk = _cut_from_extras(p_g, rank_ptr, row, n_g, K, m_e, r_e, BQ, BM)
     z_cut = tl.load(z_ptr + row + rk, mask=big, other=0.0)
     tau = tl.where(big, z_cut, float("-inf"))
     if tl.max(big.to(tl.int32), axis=0) > 0:

@@ -200,6 +200,19 @@ def test_selection_matches_the_mask(seed, monkeypatch, pattern, causal, path):
     _check_selection(u, 9, 4, causal, block_m)
 
 
+@pytest.mark.parametrize("pattern", ["ties", "wide", "constant", "increasing", "decreasing"])
+def test_per_query_cut_with_lists_longer_than_a_block_matches_the_mask(seed, monkeypatch,
+                                                                       pattern):
+    # With K above the block's length, the per-query kernel reads only the lists' last
+    # block_m entries to rank each query's extras: extras above all of them, inside them
+    # and below them, and lists shorter than K (early blocks), must cut as the mask does.
+    from sparsek import triton_fwd
+
+    monkeypatch.setattr(triton_fwd, "SCAN_MAX_BUDGET", -1)
+    u = SCORE_PATTERNS[pattern](torch.Generator().manual_seed(seed), 150).contiguous()
+    _check_selection(u, 40, 4, True, 16)
+
+
 @pytest.mark.parametrize("pattern", ["ties", "wide", "constant", "decreasing"])
 def test_causal_boundaries_select_the_same_from_the_prefix_table(seed, monkeypatch, pattern):
     # A boundary whose base is short walks the prefix table (the sort's entries at
