@@ -123,13 +123,18 @@ BOUNDARY_WALK_CHUNK = 256  # long-64k's selection: 128 ranks 2.49 ms, 256: 2.39,
 # A flat grid for the attention too was measured on the H100 and not kept: long-64k's
 # 64-key tile ran 8.58-8.65 ms with it against 8.15-8.88 with this grid, runs alternating.
 ROWS_PER_LAUNCH = 65535
-# Causal boundaries whose base has at most NL members walk a prefix table (the sort's
-# entries at positions below NL, in rank order) instead of the whole sort. None: NL from
-# the rule in prefix_len; 0: no table. Measured on the H100 (selection replayed from a
-# CUDA graph, outputs equal bit for bit): long-64k 1.78 ms without, 1.57 / 1.49 / 1.44 at
-# NL = 4096 / 8192 / 16384 (the rule's); gpt4-4k 1.91 without, 1.84 / 1.81 / 1.83 at
-# 512 / 1024 (the rule's) / 2048.
+# Causal boundaries walk prefix tables instead of the whole sort: table j holds the
+# sort's entries at positions below NL_j, in rank order, with NL_j doubling from about
+# PREFIX_MIN_LEN up to PREFIX_LEN (None: the largest power of two at most S / 2; 0: no
+# table), and a base walks the shortest table that holds it. Measured on the H100
+# (selection, outputs equal bit for bit): with one table of NL = 4096 / 8192 / 16384,
+# long-64k 1.57 / 1.49 / 1.44 ms against 1.78 without; gpt4-4k 1.84 / 1.81 / 1.83 at 512
+# / 1024 / 2048 against 1.91. Tables from 64, 256 or 1024 up to S / 2: long-64k
+# 1.27-1.28 ms each against 1.36-1.37 with one table of 16384; gpt4-4k 1.87 / 1.84 /
+# 1.81 against 1.83 (building six tables for each of its 1536 rows costs more than the
+# short walks gain).
 PREFIX_LEN: int | None = None
+PREFIX_MIN_LEN = 1024
 # Warps per causal per-query program (SELECT_ROWS queries), capped at 96 registers. One
 # warp needs no barrier in its reductions; measured on the H100 (bench_select
 # --block-warps, 16 queries a program), long-64k's selection: 4 warps 3.22 ms, 2: 3.59,
@@ -286,32 +291,42 @@ def scan_rows(scores, z, sp, rank, tau, rk, cnt, flag, budget, window, block_m, 
         **_cap(regs))
 
 
-def prefix_len(seq_len: int, budget: int) -> int:
-    """Entries of the causal boundary kernel's prefix table (0: none): PREFIX_LEN, or for
-    None the power of two at or above sqrt(S * K), where it is at most half the row. A
-    base of n <= NL members walks at most NL table entries, a longer one about S * K / n
-    ranks of the sort, so the longest walk, max(NL, S * K / NL), is least there."""
+def prefix_levels(seq_len: int) -> tuple[int, int]:
+    """The causal boundary kernel's prefix tables, (NL0, levels): table j holds the
+    positions below NL0 << j, the last one PREFIX_LEN (None: the largest power of two at
+    most half the row), the first about PREFIX_MIN_LEN; (0, 0) for none. A base of n
+    members walks the shortest table holding it, of which it is more than half (or all of
+    it below NL0), and a base longer than the last table walks the sort, of which it is
+    more than half when that table is half the row."""
     n_l = PREFIX_LEN
     if n_l is None:
-        n_l = triton.next_power_of_2(max(math.isqrt(seq_len * budget), 1))
-    return n_l if 0 < n_l <= seq_len // 2 else 0
+        n_l = 1 << max((seq_len // 2).bit_length() - 1, 0)
+    if not 0 < n_l <= seq_len // 2:
+        return 0, 0
+    levels = 1
+    while n_l >> levels >= PREFIX_MIN_LEN:
+        levels += 1
+    return n_l >> (levels - 1), levels
 
 
-def prefix_table(sp: torch.Tensor, n_l: int) -> torch.Tensor:
-    """The causal boundary kernel's prefix table of the sort sp [BH, S] (positions by
-    rank): the ranks of positions 0 .. n_l - 1 in ascending order, [BH, n_l] int32. Two
-    passes over sp: each block of ranks counts its entries, then writes them at the sum of
-    the counts before it."""
+def prefix_tables(sp: torch.Tensor, nl0: int, levels: int) -> torch.Tensor:
+    """The causal boundary kernel's prefix tables of the sort sp [BH, S] (positions by
+    rank), one after the other in [BH, nl0 * (2 ** levels - 1)] int32: table j the ranks
+    of positions 0 .. (nl0 << j) - 1 in ascending order. Two passes over sp: each block of
+    ranks counts its entries for every table, then writes them at the sum of the counts
+    before it."""
     bh, seq_len = sp.shape
     block = 1024
     n_blk = triton.cdiv(seq_len, block)
     grid = (n_blk * bh,)
-    counts = torch.empty((bh, n_blk), dtype=torch.int32, device=sp.device)
-    sparsek_prefix_count_kernel[grid](sp, counts, seq_len, n_l, BLOCK=block)
-    offsets = (torch.cumsum(counts, dim=1, dtype=torch.int32) - counts).contiguous()
-    table = torch.empty((bh, n_l), dtype=torch.int32, device=sp.device)
-    sparsek_prefix_table_kernel[grid](sp, offsets, table, seq_len, n_l, BLOCK=block)
-    return table
+    counts = torch.empty((bh, levels, n_blk), dtype=torch.int32, device=sp.device)
+    sparsek_prefix_count_kernel[grid](sp, counts, seq_len, nl0, BLOCK=block, LEVELS=levels)
+    offsets = (torch.cumsum(counts, dim=2, dtype=torch.int32) - counts).contiguous()
+    tables = torch.empty((bh, nl0 * ((1 << levels) - 1)), dtype=torch.int32,
+                         device=sp.device)
+    sparsek_prefix_table_kernel[grid](sp, offsets, tables, seq_len, nl0, BLOCK=block,
+                                      LEVELS=levels)
+    return tables
 
 
 def _select_causal(scores, z, sp, rank, budget, window, cfg) -> Selection:
@@ -328,16 +343,16 @@ def _select_causal(scores, z, sp, rank, budget, window, cfg) -> Selection:
     scan = _scan_serves(bh, seq_len, budget, scores.is_cuda)
     flag = torch.zeros(bh, dtype=torch.int32, device=dev)
 
-    # No table: the kernel walks the sort for every base (NL = 0; sp stands in for it).
-    n_l = prefix_len(seq_len, budget)
-    table = prefix_table(sp, n_l) if n_l else sp[:, :0]
+    # No table: the kernel walks the sort for every base (sp stands in for the tables).
+    nl0, levels = prefix_levels(seq_len)
+    tables = prefix_tables(sp, nl0, levels) if levels else sp[:, :0]
 
     def boundaries(flags, stride, redo=False):
         sparsek_boundary_fwd_kernel[(nbnd * bh,)](
-            z, sp, table, lists, bf, bi, flags, seq_len, table.shape[1], nbnd,
+            z, sp, tables, lists, bf, bi, flags, seq_len, nl0, nbnd,
             budget, window, MAX_NEWTON, stride,
             BM=cfg.block_m, CH=min(cfg.chunk, BOUNDARY_CHUNK),
-            CHW=min(cfg.chunk, BOUNDARY_WALK_CHUNK), GATED=scan, REDO=redo,
+            CHW=min(cfg.chunk, BOUNDARY_WALK_CHUNK), GATED=scan, LEVELS=levels, REDO=redo,
             num_warps=BOUNDARY_WARPS,
             **_cap(BOUNDARY_MAX_REGISTERS))
 

@@ -54,28 +54,38 @@ def sparsek_sort_ranks_kernel(order_ptr, sp_ptr, rank_ptr, S, BLOCK: tl.constexp
 
 
 @triton.jit
-def sparsek_prefix_count_kernel(sp_ptr, cnt_ptr, S, NL, BLOCK: tl.constexpr):
-    """How many of one BLOCK of a row's sort ranks hold a position below NL, into
-    cnt [BH, cdiv(S, BLOCK)]: the first pass of the prefix table (see below)."""
-    i_bh, i_blk = _row_block(tl.cdiv(S, BLOCK))
+def sparsek_prefix_count_kernel(sp_ptr, cnt_ptr, S, NL0, BLOCK: tl.constexpr,
+                                LEVELS: tl.constexpr):
+    """How many of one BLOCK of a row's sort ranks hold a position below each prefix
+    table's length NL0 << j (j < LEVELS), into cnt [BH, LEVELS, cdiv(S, BLOCK)]: the
+    first pass of the prefix tables (see below)."""
+    n_blk = tl.cdiv(S, BLOCK)
+    i_bh, i_blk = _row_block(n_blk)
     r = i_blk * BLOCK + tl.arange(0, BLOCK)
-    pos = tl.load(sp_ptr + i_bh.to(tl.int64) * S + r, mask=r < S, other=NL)
-    tl.store(cnt_ptr + tl.program_id(0), tl.sum((pos < NL).to(tl.int32), axis=0))
+    pos = tl.load(sp_ptr + i_bh.to(tl.int64) * S + r, mask=r < S, other=S)
+    for j in tl.static_range(LEVELS):
+        tl.store(cnt_ptr + (i_bh * LEVELS + j) * n_blk + i_blk,
+                 tl.sum((pos < (NL0 << j)).to(tl.int32), axis=0))
 
 
 @triton.jit
-def sparsek_prefix_table_kernel(sp_ptr, off_ptr, lr_ptr, S, NL, BLOCK: tl.constexpr):
-    """A row's prefix table for the causal boundary kernel, one BLOCK of its sort ranks a
-    program: the ranks whose position is below NL, in ascending order, into lr [BH, NL].
-    off [BH, cdiv(S, BLOCK)] holds how many such ranks precede each block (the exclusive
-    sum of sparsek_prefix_count_kernel's counts)."""
-    i_bh, i_blk = _row_block(tl.cdiv(S, BLOCK))
+def sparsek_prefix_table_kernel(sp_ptr, off_ptr, lr_ptr, S, NL0, BLOCK: tl.constexpr,
+                                LEVELS: tl.constexpr):
+    """A row's prefix tables for the causal boundary kernel, one BLOCK of its sort ranks a
+    program: table j holds the ranks whose position is below NL0 << j, in ascending order.
+    They lie one after the other in lr [BH, NL0 * (2 ** LEVELS - 1)], table j at
+    NL0 * (2 ** j - 1). off [BH, LEVELS, cdiv(S, BLOCK)] holds how many such ranks precede
+    each block (the exclusive sums of sparsek_prefix_count_kernel's counts)."""
+    n_blk = tl.cdiv(S, BLOCK)
+    i_bh, i_blk = _row_block(n_blk)
     r = i_blk * BLOCK + tl.arange(0, BLOCK)
-    pos = tl.load(sp_ptr + i_bh.to(tl.int64) * S + r, mask=r < S, other=NL)
-    keep = pos < NL
-    idx = tl.load(off_ptr + tl.program_id(0))
-    idx += tl.cumsum(keep.to(tl.int32), axis=0) - 1
-    tl.store(lr_ptr + i_bh.to(tl.int64) * NL + idx, r, mask=keep)
+    pos = tl.load(sp_ptr + i_bh.to(tl.int64) * S + r, mask=r < S, other=S)
+    l_row = i_bh.to(tl.int64) * (NL0 * ((1 << LEVELS) - 1))
+    for j in tl.static_range(LEVELS):
+        keep = pos < (NL0 << j)
+        idx = tl.load(off_ptr + (i_bh * LEVELS + j) * n_blk + i_blk)
+        idx += tl.cumsum(keep.to(tl.int32), axis=0) - 1
+        tl.store(lr_ptr + l_row + NL0 * ((1 << j) - 1) + idx, r, mask=keep)
 
 
 @triton.jit
@@ -213,9 +223,9 @@ def _sort_cursor(z_ptr, lr_ptr, row, l_row, c, NL, S, t, STRICT: tl.constexpr,
 @triton.jit
 def sparsek_boundary_fwd_kernel(
     z_ptr, sp_ptr, lr_ptr, g_ptr, bf_ptr, bi_ptr, flag_ptr,
-    S, NL, NBND, K, W, MAXIT, STRIDE,
+    S, NL0, NBND, K, W, MAXIT, STRIDE,
     BM: tl.constexpr, CH: tl.constexpr, CHW: tl.constexpr, GATED: tl.constexpr,
-    REDO: tl.constexpr = False,
+    LEVELS: tl.constexpr, REDO: tl.constexpr = False,
 ):
     """Causal block boundaries: top-K list and exact threshold of each prefix base.
 
@@ -230,11 +240,13 @@ def sparsek_boundary_fwd_kernel(
     whose flag is set are written at all, lists and every threshold; the other programs
     do nothing (their lists and chunk starts were written by an earlier launch).
 
-    lr [BH, NL]: the row's prefix table, the sort ranks of positions 0 .. NL - 1 in
-    ascending order (NL = 0: none). A base of at most NL members lies in it, so its
-    boundary walks the table instead of the sort: its members are spread over the whole
-    sort (finding K of them there takes about S * K / |base| ranks), but make up a share
-    |base| / NL of the table.
+    lr: the row's LEVELS prefix tables (none at LEVELS = 0), see
+    sparsek_prefix_table_kernel: table j holds the sort ranks of positions 0 .. NL - 1,
+    NL = NL0 << j, in ascending order. A base of at most NL members lies in such a table,
+    so its boundary walks the shortest one that holds it instead of the sort: its members
+    are spread over the whole sort (finding K of them there takes about S * K / |base|
+    ranks), but make up more than half of that table, so the walk takes fewer than 2 K
+    entries (2 |base| for a base of at most K members).
     """
     # One program per (row, boundary), every row's boundary 0 first, then every row's
     # boundary 1, ...: the early boundaries walk the most (their bases are short), so they
@@ -243,10 +255,17 @@ def sparsek_boundary_fwd_kernel(
     i_b = tl.program_id(0) // bh
     i_bh = tl.program_id(0) % bh
     row = i_bh.to(tl.int64) * S
-    l_row = i_bh.to(tl.int64) * NL
     P = tl.minimum(i_b * BM - W, S - 1)
     n_base = tl.maximum(P + 1, 0)
     n_g = tl.minimum(n_base, K)
+    # The shortest table that holds the base (the longest one if none does) and where it
+    # starts in the row's tables.
+    NL = NL0 + n_base * 0
+    l_row = i_bh.to(tl.int64) * (NL0 * ((1 << LEVELS) - 1))
+    for _ in tl.static_range(LEVELS - 1):
+        grow = n_base > NL
+        l_row += tl.where(grow, NL, 0)
+        NL = tl.where(grow, NL * 2, NL)
     use_l = n_base <= NL
     n_src = tl.where(use_l, NL, S)
     work = n_g >= 0

@@ -214,10 +214,10 @@ def test_per_query_cut_with_lists_longer_than_a_block_matches_the_mask(seed, mon
 
 
 @pytest.mark.parametrize("pattern", ["ties", "wide", "constant", "decreasing"])
-def test_causal_boundaries_select_the_same_from_the_prefix_table(seed, monkeypatch, pattern):
-    # A boundary whose base is short walks the prefix table (the sort's entries at
-    # positions below NL) instead of the whole sort: the same members in the same order,
-    # so the same lists and thresholds, bit for bit, whatever the table's length.
+def test_causal_boundaries_select_the_same_from_the_prefix_tables(seed, monkeypatch, pattern):
+    # A boundary walks the shortest prefix table holding its base (the sort's entries at
+    # positions below some NL) instead of the whole sort: the same members in the same
+    # order, so the same lists and thresholds, bit for bit, whatever the tables.
     from sparsek import triton_fwd
 
     monkeypatch.setattr(triton_fwd, "SCAN_MAX_BUDGET", -1)  # every boundary is solved
@@ -227,17 +227,24 @@ def test_causal_boundaries_select_the_same_from_the_prefix_table(seed, monkeypat
                                    num_warps=4, num_stages=1)
     n_list = (torch.arange(-(-257 // block_m) + 1) * block_m - W + 1).clamp(0, K)
     written = torch.arange(K)[None, :] < n_list[:, None]  # entries each list holds
+    # (longest table, shortest at least): none; the rule's two tables (64, 128); one
+    # table of 16; six tables, 4 to 128; four from 100 down (100, 50, 25, 12 -> 12 .. 96).
+    variants = [(0, 64), (None, 64), (16, 64), (None, 4), (100, 8)]
     runs = {}
-    for n_l in (0, None, 16, 128):
+    for n_l, shortest in variants:
         monkeypatch.setattr(triton_fwd, "PREFIX_LEN", n_l)
-        runs[n_l] = triton_fwd.select(u, K, W, True, cfg)
+        monkeypatch.setattr(triton_fwd, "PREFIX_MIN_LEN", shortest)
+        runs[n_l, shortest] = triton_fwd.select(u, K, W, True, cfg)
+    assert triton_fwd.prefix_levels(257) == (12, 4)
     monkeypatch.setattr(triton_fwd, "PREFIX_LEN", None)
-    assert triton_fwd.prefix_len(257, K) == 64  # the rule: sqrt(S * K), up to a power of 2
-    want = runs.pop(0)
-    for n_l, got in runs.items():
+    assert triton_fwd.prefix_levels(257) == (8, 5)  # the rule: S / 2 or less, halved to 8
+    monkeypatch.setattr(triton_fwd, "PREFIX_MIN_LEN", 64)
+    assert triton_fwd.prefix_levels(257) == (64, 2)
+    want = runs.pop((0, 64))
+    for variant, got in runs.items():
         for name in ("tau", "rk", "cnt"):
-            assert torch.equal(getattr(got, name), getattr(want, name)), (n_l, name)
-        assert torch.equal(got.lists[:, written], want.lists[:, written]), n_l
+            assert torch.equal(getattr(got, name), getattr(want, name)), (variant, name)
+        assert torch.equal(got.lists[:, written], want.lists[:, written]), variant
 
 
 @pytest.mark.parametrize("pattern", ["randn", "ties"])
