@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--select-rows", default="",
                         help="queries per causal per-query program to try, comma-separated")
     parser.add_argument("--prefix", default="",
-                        help="entries of the causal boundary kernel's prefix table to try, "
+                        help="longest causal boundary prefix table to try (PREFIX_LEN), "
                              "comma-separated (0: none, auto: the forward's rule)")
     parser.add_argument("--reps", type=int, default=20)
     args = parser.parse_args(argv)
