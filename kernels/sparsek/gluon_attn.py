@@ -132,6 +132,11 @@ def _round_pairs(p, dtype: gl.constexpr):
                                          dtype=gl.float16, is_pure=True, pack=2)
 
 
+# How far (log2 units) a tile's row maximum may exceed the running one before the lean
+# softmax moves it: weights then stay below 2 ** 8 = 256, well inside float16 and bfloat16.
+LAZY_MAX = gl.constexpr(8.0)
+
+
 @gluon.jit
 def _softmax(s, g, keep, m_i, l_i, qk_scale, dtype: gl.constexpr, GATED: gl.constexpr,
              MASKED: gl.constexpr, LEAN: gl.constexpr):
@@ -139,14 +144,20 @@ def _softmax(s, g, keep, m_i, l_i, qk_scale, dtype: gl.constexpr, GATED: gl.cons
     False drop out (MASKED), the rest weigh g (GATED; else 1). Returns (m, l, alpha, p)
     with p in dtype. l sums the weights as rounded for the value product (as the Triton
     kernel); with LEAN, l is returned as it came, for the caller sums p on the tensor
-    cores, and the rounding takes two elements an instruction."""
+    cores, the rounding takes two elements an instruction, and m moves lazily."""
     if MASKED:
         s = gl.where(keep, s, float("-inf"))
     # The scale is positive, so it commutes with the row maximum, and the exponent is one
     # fused multiply-add an element.
     m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+    if LEAN:
+        # A row's running maximum moves only when the tile's exceeds it by more than
+        # LAZY_MAX (log2 units): weights stay below 2 ** LAZY_MAX, o and lse are the same
+        # (both are taken against the maximum used), and a row whose maximum stays has
+        # alpha exactly 1, which lets the caller skip its rescaling.
+        m_new = gl.where(m_new > m_i + LAZY_MAX, m_new, m_i)
     m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = gl.exp2(m_i - m_use)
+    alpha = gl.where(m_new == m_i, 1.0, gl.exp2(m_i - m_use))
     p = gl.exp2(s * qk_scale - m_use[:, None])
     if GATED:
         p = p * g

@@ -23,8 +23,10 @@ Measured on the H100 (``kernels/NOTES.md``, v16 to v18): the instructions its wa
 issue, the producer's included, not memory, bound this kernel, so they are kept few: the
 rows' weight sums come from the tensor cores (the rounded weights times a few columns of
 ones, next to the value product), weights are rounded two an instruction and gates
-clipped in one, and the producer copies without predicates, each score once. Float16 and
-bfloat16 only, 64 or 128 rows a program.
+clipped in one, a row's running maximum moves only when a tile's exceeds it by 2 ** 8,
+so most steps skip the accumulator's rescaling (a vote of each warp's lanes, no barrier),
+and the producer copies without predicates, each score once. Float16 and bfloat16 only, 64
+or 128 rows a program.
 """
 
 from __future__ import annotations
@@ -52,6 +54,44 @@ from sparsek.triton_attn import program_block
 
 # Rows of a consumer warpgroup: a warpgroup product's height.
 CONSUMER_ROWS = gl.constexpr(64)
+
+
+@gluon.jit
+def _warp_moved(alpha):
+    """1 for every row of a warp where some row of that warp has alpha != 1, else 0: a
+    vote across the warp's lanes (each holds two rows of a product's layout), with no
+    barrier among the warpgroup's warps."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .pred p, q; setp.neu.f32 p, $2, 0f3F800000; "
+        "setp.neu.f32 q, $3, 0f3F800000; or.pred p, p, q; "
+        "vote.sync.any.pred p, p, -1; selp.b32 $0, 1, 0, p; mov.b32 $1, $0; }",
+        "=r,=r,r,r", [alpha], dtype=gl.int32, is_pure=True, pack=2)
+
+
+def _rescale_asm(pack: int) -> tuple[str, str]:
+    """The PTX and constraints of _rescale for `pack` elements a thread: each output is
+    tied to its input, so a skipping warp leaves x as it was."""
+    muls = " ".join(f"mul.f32 ${i}, ${i}, ${2 * pack + i};" for i in range(pack))
+    asm = (f"{{ .reg .pred p; setp.eq.b32 p, ${3 * pack}, 0; @p bra.uni SKIP${{:uid}}; "
+           f"{muls} SKIP${{:uid}}: }}")
+    constraints = ",".join(["=r"] * pack + [str(i) for i in range(pack)] + ["r"] * (2 * pack))
+    return asm, constraints
+
+
+# Per thread: a consumer's accumulator (64 rows x D = 128 over 128 threads) and its row
+# sums (64 x 8).
+ACC_ASM, ACC_CONSTRAINTS = (gl.constexpr(x) for x in _rescale_asm(64))
+SUM_ASM, SUM_CONSTRAINTS = (gl.constexpr(x) for x in _rescale_asm(4))
+
+
+@gluon.jit
+def _rescale(x, alpha, moved, ASM: gl.constexpr, CONSTRAINTS: gl.constexpr,
+             PACK: gl.constexpr):
+    """x * alpha[:, None], skipped by the warps whose rows all have alpha 1 (moved 0): a
+    branch on the warp's vote around the multiplies, PACK elements of a thread at a time
+    (each thread's whole share of x, so one branch a step)."""
+    return gl.inline_asm_elementwise(ASM, CONSTRAINTS, [x, alpha[:, None], moved[:, None]],
+                                     dtype=gl.float32, is_pure=True, pack=PACK)
 
 
 @gluon.jit
@@ -198,8 +238,13 @@ def _consumer(q_smem, ones_smem, rings, tau_ptr, rk_ptr, cnt_ptr, o_ptr, lse_ptr
         mbarrier.arrive(k_free.index(slot), count=1)
         acc, l_acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, l_acc))
         mbarrier.arrive(v_free.index(prev), count=1)
-        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-        l_acc = l_acc * gl.convert_layout(alpha, row_l)[:, None]
+        # The running maxima move lazily (gluon_attn._softmax), so most steps leave every
+        # alpha of a warp's rows at 1, and the warp skips the rescaling.
+        moved = _warp_moved(alpha)
+        acc = _rescale(acc, gl.convert_layout(alpha, row_o), gl.convert_layout(moved, row_o),
+                       ACC_ASM, ACC_CONSTRAINTS, 64)
+        l_acc = _rescale(l_acc, gl.convert_layout(alpha, row_l),
+                         gl.convert_layout(moved, row_l), SUM_ASM, SUM_CONSTRAINTS, 4)
 
     last = (n_t - 1) % (STAGES + 1)
     mbarrier.wait(v_ready.index(last), ((n_t - 1) // (STAGES + 1)) & 1)

@@ -216,6 +216,27 @@ def test_ws_attention_matches_reference(make_inputs, monkeypatch, B, Hq, Hkv, S,
     check_against_reference(x, dtype, kv_budget=K, window=W, causal=causal, scale=None)
 
 
+@pytest.mark.parametrize("rows", [128, 64])
+@pytest.mark.parametrize("causal", [True, False])
+def test_ws_attention_rescales_the_rows_whose_maximum_jumps(make_inputs, monkeypatch, rows,
+                                                             causal):
+    # The warp-specialized kernel moves a row's running maximum only when a tile's exceeds
+    # it by more than 2 ** 8, and a warp none of whose rows moved skips the rescaling. Keys
+    # that grow along the list (lower scores, longer keys) and queries of two very
+    # different lengths make some rows' maxima jump many times and others' never: in one
+    # warp, and in one warp but not the next.
+    from sparsek.runner.inputs import Inputs
+
+    x = make_inputs(batch=1, q_heads=8, kv_heads=2, seq_len=1500, dim=128, device="cuda")
+    rank = x.u.argsort(dim=-1, descending=True).argsort(dim=-1)  # 0: the highest score
+    k = x.k * (1 + 6 * rank / x.u.shape[-1])[..., None]
+    long = torch.rand(x.q.shape[:3], generator=torch.Generator().manual_seed(1)) < 0.15
+    q = x.q * torch.where(long, 3.0, 0.05).to(x.q)[..., None]
+    x = Inputs(q, k, x.v, x.u).to(BF16)
+    _force_ws(monkeypatch, x.q, 4, (64, 4 if rows == 128 else 2), rows)
+    check_against_reference(x, BF16, kv_budget=300, window=64, causal=causal, scale=None)
+
+
 # How many tiles gluon_ws_attn.WS_CONFIGS lists for each program size (checked below, so
 # the parameters cover every one; the module is not imported while tests are collected).
 WS_TILES = {128: 2, 64: 3}
