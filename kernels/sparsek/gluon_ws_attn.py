@@ -19,8 +19,9 @@ products (or the other program's) can hold the tensor cores. Registers move to w
 they are used (the compiler's ``setmaxnreg`` from each partition's count): the consumers
 hold the accumulators, the producer little more than addresses.
 
-Measured on the H100 (``kernels/NOTES.md``, v16 to v18): the instructions its warps
-issue, the producer's included, not memory, bound this kernel, so they are kept few: the
+Measured on the H100 (``kernels/NOTES.md``, v16 to v20): memory does not bound this
+kernel. The instructions its warps issue, the producer's included, did until v20, and are
+kept few; since then each step's chain of dependent instructions does. The
 rows' weight sums come from the tensor cores (the rounded weights times a few columns of
 ones, next to the value product), weights are rounded two an instruction and gates
 clipped in one, a row's running maximum moves only when a tile's exceeds it by 2 ** 8,
@@ -78,9 +79,10 @@ def _rescale_asm(pack: int) -> tuple[str, str]:
     return asm, constraints
 
 
-# Per thread: a consumer's accumulator (64 rows x D = 128 over 128 threads) and its row
-# sums (64 x 8).
-ACC_ASM, ACC_CONSTRAINTS = (gl.constexpr(x) for x in _rescale_asm(64))
+# Elements a thread of a consumer's accumulator (64 rows x D over 128 threads: D / 2) and
+# of its row sums (64 x 8: 4).
+ACC64_ASM, ACC64_CONSTRAINTS = (gl.constexpr(x) for x in _rescale_asm(32))
+ACC128_ASM, ACC128_CONSTRAINTS = (gl.constexpr(x) for x in _rescale_asm(64))
 SUM_ASM, SUM_CONSTRAINTS = (gl.constexpr(x) for x in _rescale_asm(4))
 
 
@@ -92,6 +94,15 @@ def _rescale(x, alpha, moved, ASM: gl.constexpr, CONSTRAINTS: gl.constexpr,
     (each thread's whole share of x, so one branch a step)."""
     return gl.inline_asm_elementwise(ASM, CONSTRAINTS, [x, alpha[:, None], moved[:, None]],
                                      dtype=gl.float32, is_pure=True, pack=PACK)
+
+
+@gluon.jit
+def _rescale_acc(acc, alpha, moved, D: gl.constexpr):
+    """_rescale of a consumer's accumulator [64, D] (D = 64 or 128)."""
+    if D == 128:
+        return _rescale(acc, alpha, moved, ACC128_ASM, ACC128_CONSTRAINTS, 64)
+    else:
+        return _rescale(acc, alpha, moved, ACC64_ASM, ACC64_CONSTRAINTS, 32)
 
 
 @gluon.jit
@@ -241,8 +252,8 @@ def _consumer(q_smem, ones_smem, rings, tau_ptr, rk_ptr, cnt_ptr, o_ptr, lse_ptr
         # The running maxima move lazily (gluon_attn._softmax), so most steps leave every
         # alpha of a warp's rows at 1, and the warp skips the rescaling.
         moved = _warp_moved(alpha)
-        acc = _rescale(acc, gl.convert_layout(alpha, row_o), gl.convert_layout(moved, row_o),
-                       ACC_ASM, ACC_CONSTRAINTS, 64)
+        acc = _rescale_acc(acc, gl.convert_layout(alpha, row_o),
+                           gl.convert_layout(moved, row_o), D)
         l_acc = _rescale(l_acc, gl.convert_layout(alpha, row_l),
                          gl.convert_layout(moved, row_l), SUM_ASM, SUM_CONSTRAINTS, 4)
 
