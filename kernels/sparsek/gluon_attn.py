@@ -157,7 +157,8 @@ def _softmax(s, g, keep, m_i, l_i, qk_scale, dtype: gl.constexpr, GATED: gl.cons
         # alpha exactly 1, which lets the caller skip its rescaling.
         m_new = gl.where(m_new > m_i + LAZY_MAX, m_new, m_i)
     m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = gl.where(m_new == m_i, 1.0, gl.exp2(m_i - m_use))
+    # Lean: exactly 1 where the maximum stays, an empty row's (-inf) included.
+    alpha = gl.where(m_new == m_i, 1.0, gl.exp2(m_i - m_use)) if LEAN else gl.exp2(m_i - m_use)
     p = gl.exp2(s * qk_scale - m_use[:, None])
     if GATED:
         p = p * g

@@ -21,13 +21,13 @@ hold the accumulators, the producer little more than addresses.
 
 Measured on the H100 (``kernels/NOTES.md``, v16 to v20): memory does not bound this
 kernel. The instructions its warps issue, the producer's included, did until v20, and are
-kept few; since then each step's chain of dependent instructions does. The
-rows' weight sums come from the tensor cores (the rounded weights times a few columns of
-ones, next to the value product), weights are rounded two an instruction and gates
-clipped in one, a row's running maximum moves only when a tile's exceeds it by 2 ** 8,
-so most steps skip the accumulator's rescaling (a vote of each warp's lanes, no barrier),
-and the producer copies without predicates, each score once. Float16 and bfloat16 only, 64
-or 128 rows a program.
+kept few; since then each step's chain of dependent instructions does. The rows' weight
+sums come from the tensor cores (the rounded weights times a few columns of ones, next to
+the value product), weights are rounded two an instruction and gates clipped in one, a
+row's running maximum moves only when a tile's exceeds it by 2 ** 8, so most steps skip
+the accumulator's rescaling (a vote of each warp's lanes, no barrier), and the producer
+copies without predicates, each score once. Float16 and bfloat16 only, 64 or 128 rows a
+program.
 """
 
 from __future__ import annotations

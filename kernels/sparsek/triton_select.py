@@ -373,8 +373,7 @@ def _boundary_threshold(z_ptr, sp_ptr, lr_ptr, row, l_row, use_l, n_src, z_k, r_
 
 
 @triton.jit
-def _cut_from_extras(g_ptr, rank_ptr, row, n_g, K, m_e, r_e, BQ: tl.constexpr,
-                     BM: tl.constexpr):
+def _cut_from_extras(g_ptr, rank_ptr, row, n_g, K, m_e, r_e, BM: tl.constexpr):
     """Each query's cut given the list and its extras m_e [BQ, BM] (ranks r_e [BM]).
 
     An extra's rank in the union is 1 + (list entries above it) + (own extras above it);
@@ -517,7 +516,7 @@ def _block_causal(z_ptr, sp_ptr, rank_ptr, u_ptr, g_ptr, bf_ptr, bi_ptr, tau_ptr
     big = m_q & (n_c > K)
     # Query q (index in block) has the extras with index < q.
     m_e = big[:, None] & m_eok[None, :] & (o_e[None, :] < o_q[:, None])  # [BQ, BM]
-    cnt, rk = _cut_from_extras(p_g, rank_ptr, row, n_g, K, m_e, r_e, BQ, BM)
+    cnt, rk = _cut_from_extras(p_g, rank_ptr, row, n_g, K, m_e, r_e, BM)
     z_cut = tl.load(z_ptr + row + rk, mask=big, other=0.0)
     tau = tl.where(big, z_cut, float("-inf"))
     if tl.max(big.to(tl.int32), axis=0) > 0:

@@ -235,7 +235,9 @@ def test_causal_boundaries_select_the_same_from_the_prefix_tables(seed, monkeypa
         monkeypatch.setattr(triton_fwd, "PREFIX_LEN", n_l)
         monkeypatch.setattr(triton_fwd, "PREFIX_MIN_LEN", shortest)
         runs[n_l, shortest] = triton_fwd.select(u, K, W, True, cfg)
-    assert triton_fwd.prefix_levels(257) == (12, 4)
+    monkeypatch.setattr(triton_fwd, "PREFIX_LEN", 100)
+    monkeypatch.setattr(triton_fwd, "PREFIX_MIN_LEN", 8)
+    assert triton_fwd.prefix_levels(257) == (12, 4)  # 100 halved while at least 8: 12
     monkeypatch.setattr(triton_fwd, "PREFIX_LEN", None)
     assert triton_fwd.prefix_levels(257) == (8, 5)  # the rule: S / 2 or less, halved to 8
     monkeypatch.setattr(triton_fwd, "PREFIX_MIN_LEN", 64)
