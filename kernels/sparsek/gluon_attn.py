@@ -121,52 +121,24 @@ def _advance(t, pos, m, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, k_base, v_
 
 
 @gluon.jit
-def _round_pairs(p, dtype: gl.constexpr):
-    """p (float32) rounded to dtype two elements an instruction (the compiler's own
-    conversion takes one, plus a byte permute to pack the pair)."""
-    if dtype == gl.bfloat16:
-        return gl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [p],
-                                         dtype=gl.bfloat16, is_pure=True, pack=2)
-    else:
-        return gl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [p],
-                                         dtype=gl.float16, is_pure=True, pack=2)
-
-
-# How far (log2 units) a tile's row maximum may exceed the running one before the lean
-# softmax moves it: weights then stay below 2 ** 8 = 256, well inside float16 and bfloat16.
-LAZY_MAX = gl.constexpr(8.0)
-
-
-@gluon.jit
 def _softmax(s, g, keep, m_i, l_i, qk_scale, dtype: gl.constexpr, GATED: gl.constexpr,
-             MASKED: gl.constexpr, LEAN: gl.constexpr):
+             MASKED: gl.constexpr):
     """Fold raw logits s [M, BN] into the running (m, l) (log2 units): keys where keep is
     False drop out (MASKED), the rest weigh g (GATED; else 1). Returns (m, l, alpha, p)
-    with p in dtype. l sums the weights as rounded for the value product (as the Triton
-    kernel); with LEAN, l is returned as it came, for the caller sums p on the tensor
-    cores, the rounding takes two elements an instruction, and m moves lazily."""
+    with p in dtype; l sums the weights as rounded for the value product (as the Triton
+    kernel)."""
     if MASKED:
         s = gl.where(keep, s, float("-inf"))
     # The scale is positive, so it commutes with the row maximum, and the exponent is one
     # fused multiply-add an element.
     m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-    if LEAN:
-        # A row's running maximum moves only when the tile's exceeds it by more than
-        # LAZY_MAX (log2 units): weights stay below 2 ** LAZY_MAX, o and lse are the same
-        # (both are taken against the maximum used), and a row whose maximum stays has
-        # alpha exactly 1, which lets the caller skip its rescaling.
-        m_new = gl.where(m_new > m_i + LAZY_MAX, m_new, m_i)
     m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-    # Lean: exactly 1 where the maximum stays, an empty row's (-inf) included.
-    alpha = gl.where(m_new == m_i, 1.0, gl.exp2(m_i - m_use)) if LEAN else gl.exp2(m_i - m_use)
+    alpha = gl.exp2(m_i - m_use)
     p = gl.exp2(s * qk_scale - m_use[:, None])
     if GATED:
         p = p * g
-    if LEAN:
-        p = _round_pairs(p, dtype)
-    else:
-        p = p.to(dtype)
-        l_i = l_i * alpha + gl.sum(p.to(gl.float32), axis=1)
+    p = p.to(dtype)
+    l_i = l_i * alpha + gl.sum(p.to(gl.float32), axis=1)
     return m_new, l_i, alpha, p
 
 
@@ -196,63 +168,42 @@ def _list_gate(b_u, tau, o_n, t, cnt, BN: gl.constexpr, WHOLE: gl.constexpr):
 def _fold_tile(t, s, m_i, l_i, u_smem, r_smem, q_pos, tau, rk, cnt, n_all, n_list, j_start,
                j_lo, j_hi, t1, t2, W, qk_scale, OUT: gl.constexpr, CAUSAL: gl.constexpr,
                BN: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
-               dtype: gl.constexpr, LEAN: gl.constexpr):
+               dtype: gl.constexpr):
     """Wait for tile t's logits s (until OUT products are in flight) and fold them in.
 
-    The gates are computed only as far as the tile needs: list tiles that every query
-    selects whole take clip(u - tau, 0, 1) with no mask; dense tiles inside every query's
-    window take nothing; the causal diagonal a mask by position; the rest the general gate
-    (window -> 1, selected -> clip(u - tau, 0, 1), else 0). They are computed while the
-    product runs, or with LEAN after the wait (fewer registers live across it; LEAN also
-    picks _softmax's lean form)."""
+    The gates are computed only as far as the tile needs, while the product runs: list
+    tiles that every query selects whole take clip(u - tau, 0, 1) with no mask; dense
+    tiles inside every query's window take nothing; the causal diagonal a mask by
+    position; the rest the general gate (window -> 1, selected -> clip(u - tau, 0, 1),
+    else 0)."""
     col: gl.constexpr = gl.SliceLayout(0, s_layout)
     o_n = gl.arange(0, BN, layout=col)
     slot = t % STAGES
     if t < n_all:
-        b_u = u_smem.index(slot).load(col)
-        if not LEAN:
-            g = _list_gate(b_u, tau, o_n, t, cnt, BN, True)
+        g = _list_gate(u_smem.index(slot).load(col), tau, o_n, t, cnt, BN, True)
         x = warpgroup_mma_wait(num_outstanding=OUT, deps=(s,))
-        if LEAN:
-            g = _list_gate(b_u, tau, o_n, t, cnt, BN, True)
-        m_i, l_i, alpha, p = _softmax(x, g, g, m_i, l_i, qk_scale, dtype, True, False, LEAN)
+        m_i, l_i, alpha, p = _softmax(x, g, g, m_i, l_i, qk_scale, dtype, True, False)
     elif t < n_list:
-        b_u = u_smem.index(slot).load(col)
-        if not LEAN:
-            g = _list_gate(b_u, tau, o_n, t, cnt, BN, False)
+        g = _list_gate(u_smem.index(slot).load(col), tau, o_n, t, cnt, BN, False)
         x = warpgroup_mma_wait(num_outstanding=OUT, deps=(s,))
-        if LEAN:
-            g = _list_gate(b_u, tau, o_n, t, cnt, BN, False)
-        m_i, l_i, alpha, p = _softmax(x, g, g > 0, m_i, l_i, qk_scale, dtype, True, True,
-                                      LEAN)
+        m_i, l_i, alpha, p = _softmax(x, g, g > 0, m_i, l_i, qk_scale, dtype, True, True)
     else:
         j0 = j_start + (t - n_list) * BN
         o_j = j0 + o_n
         if (j0 >= t1) & (j0 < t2):
             x = warpgroup_mma_wait(num_outstanding=OUT, deps=(s,))
-            m_i, l_i, alpha, p = _softmax(x, x, x, m_i, l_i, qk_scale, dtype, False, False,
-                                          LEAN)
+            m_i, l_i, alpha, p = _softmax(x, x, x, m_i, l_i, qk_scale, dtype, False, False)
         elif CAUSAL & (j0 >= t2):
-            if not LEAN:
-                keep = (q_pos[:, None] >= o_j[None, :]) & (o_j <= j_hi)[None, :]
+            keep = (q_pos[:, None] >= o_j[None, :]) & (o_j <= j_hi)[None, :]
             x = warpgroup_mma_wait(num_outstanding=OUT, deps=(s,))
-            if LEAN:
-                keep = (q_pos[:, None] >= o_j[None, :]) & (o_j <= j_hi)[None, :]
-            m_i, l_i, alpha, p = _softmax(x, x, keep, m_i, l_i, qk_scale, dtype, False,
-                                          True, LEAN)
+            m_i, l_i, alpha, p = _softmax(x, x, keep, m_i, l_i, qk_scale, dtype, False, True)
         else:
-            if not LEAN:
-                m_j = (o_j >= j_lo) & (o_j <= j_hi)
+            m_j = (o_j >= j_lo) & (o_j <= j_hi)
             b_u = u_smem.index(slot).load(col)
             b_r = r_smem.index(slot).load(col)
-            if not LEAN:
-                g = dense_gate(q_pos, o_j, m_j, b_u, b_r, tau, rk, W, CAUSAL)
+            g = dense_gate(q_pos, o_j, m_j, b_u, b_r, tau, rk, W, CAUSAL)
             x = warpgroup_mma_wait(num_outstanding=OUT, deps=(s,))
-            if LEAN:
-                m_j = (o_j >= j_lo) & (o_j <= j_hi)
-                g = dense_gate(q_pos, o_j, m_j, b_u, b_r, tau, rk, W, CAUSAL)
-            m_i, l_i, alpha, p = _softmax(x, g, g > 0, m_i, l_i, qk_scale, dtype, True,
-                                          True, LEAN)
+            m_i, l_i, alpha, p = _softmax(x, g, g > 0, m_i, l_i, qk_scale, dtype, True, True)
     return m_i, l_i, alpha, p
 
 
@@ -335,7 +286,7 @@ def sparsek_attn_fwd_gluon(
                       is_async=True)
     m_i, l_i, alpha, p = _fold_tile(0, s, m_i, l_i, u_smem, r_smem, q_pos, tau, rk, cnt,
                                     n_all, n_list, j_start, j_lo, j_hi, t1, t2, W, qk_scale,
-                                    0, CAUSAL, BN, STAGES, s_layout, dtype, False)
+                                    0, CAUSAL, BN, STAGES, s_layout, dtype)
     for t in range(1, n_t):
         pos, m = _advance(t, pos, m, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, k_base,
                           v_base, u_row, rank_row, k_smem, v_smem, u_smem, r_smem, BN, D,
@@ -346,8 +297,7 @@ def sparsek_attn_fwd_gluon(
                             v_smem.index((t - 1) % STAGES), acc, is_async=True)
         m_i, l_i, alpha, p = _fold_tile(t, s, m_i, l_i, u_smem, r_smem, q_pos, tau, rk, cnt,
                                         n_all, n_list, j_start, j_lo, j_hi, t1, t2, W,
-                                        qk_scale, 1, CAUSAL, BN, STAGES, s_layout, dtype,
-                                        False)
+                                        qk_scale, 1, CAUSAL, BN, STAGES, s_layout, dtype)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
 
