@@ -52,7 +52,7 @@ from sparsek.gluon_attn import (
     _sources,
     _tile_plan,
 )
-from sparsek.triton_attn import program_block
+from sparsek.triton_attn import program_block, window_pairs
 
 # Rows of a consumer warpgroup: a warpgroup product's height.
 CONSUMER_ROWS = gl.constexpr(64)
@@ -229,13 +229,7 @@ def _dense_keep(q_pos, o_j, b_r, rk, j_lo, j_hi, W, CAUSAL: gl.constexpr):
     """Which dense-range keys o_j (sort ranks b_r, inside [j_lo, j_hi]) queries q_pos
     with cut ranks rk keep [M, BN]: their window pairs, and the candidates ranked within
     the cut (as triton_attn.dense_gate)."""
-    dist = q_pos[:, None] - o_j[None, :]
-    if CAUSAL:
-        win = (dist >= 0) & (dist < W)
-        cand = dist >= W
-    else:
-        win = (dist < W) & (dist > -W)
-        cand = (dist >= W) | (dist <= -W)
+    win, cand = window_pairs(q_pos, o_j, W, CAUSAL)
     return ((win | (cand & (b_r[None, :] <= rk[:, None])))
             & ((o_j >= j_lo) & (o_j <= j_hi))[None, :])
 

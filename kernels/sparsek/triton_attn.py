@@ -229,10 +229,9 @@ def _dense_pass(b_q, k_base, v_base, u_row, rank_row, q_pos, tau, rk, i0, i1, S,
 
 
 @triton.jit
-def dense_gate(q_pos, o_j, m_j, b_u, b_r, tau, rk, W, CAUSAL: tl.constexpr):
-    """Gates [M, BN] of dense-range keys o_j (in range where m_j; scores b_u, sort ranks
-    b_r) for queries q_pos with selections (tau, rk): window pairs 1, candidates ranked
-    within the query's cut clip(u - tau, 0, 1), the rest 0. The Gluon kernel calls it too."""
+def window_pairs(q_pos, o_j, W, CAUSAL: tl.constexpr):
+    """(win, cand) [M, BN] for queries q_pos and keys o_j: the window pairs, and the
+    pairs where the key is a candidate of the query. The Gluon kernels call it too."""
     dist = q_pos[:, None] - o_j[None, :]
     if CAUSAL:
         win = (dist >= 0) & (dist < W)
@@ -240,6 +239,15 @@ def dense_gate(q_pos, o_j, m_j, b_u, b_r, tau, rk, W, CAUSAL: tl.constexpr):
     else:
         win = (dist < W) & (dist > -W)
         cand = (dist >= W) | (dist <= -W)
+    return win, cand
+
+
+@triton.jit
+def dense_gate(q_pos, o_j, m_j, b_u, b_r, tau, rk, W, CAUSAL: tl.constexpr):
+    """Gates [M, BN] of dense-range keys o_j (in range where m_j; scores b_u, sort ranks
+    b_r) for queries q_pos with selections (tau, rk): window pairs 1, candidates ranked
+    within the query's cut clip(u - tau, 0, 1), the rest 0. The Gluon kernel calls it too."""
+    win, cand = window_pairs(q_pos, o_j, W, CAUSAL)
     pick = cand & (b_r[None, :] <= rk[:, None]) & m_j[None, :]
     soft = tl.minimum(tl.maximum(b_u[None, :] - tau[:, None], 0.0), 1.0)
     return tl.where(win & m_j[None, :], 1.0, tl.where(pick, soft, 0.0))
