@@ -328,7 +328,6 @@ def _consumer(q_smem, ones_smem, rings, tau_ptr, rk_ptr, cnt_ptr, o_ptr, lse_ptr
 
     q_w = q_smem.index(WG)
     m_i = gl.full([M2], float("-inf"), gl.float32, row_s)
-    l_i = gl.zeros([M2], gl.float32, row_s)  # unused: the row sums are l_acc's
     acc = gl.zeros([M2, D], gl.float32, o_layout)
     l_acc = gl.zeros([M2, NL], gl.float32, l_layout)
     ones = ones_smem.permute((1, 0))
