@@ -486,11 +486,12 @@ def sparsek_attn_fwd_ws(
 # 65536 registers an SM over 384 threads (128 rows, one program an SM), rounded down to
 # 8 -> 168 (2 x 216 + 72 = 3 x 168); over 2 x 256 threads for 64 rows (two programs an
 # SM) -> 128, where the one consumer gets what the producer leaves (208 + 48 = 2 x 128).
-# Measured on the H100 (NOTES v17 to v19): long-64k 64 x 4 at 216/72 7.24-7.43 ms, at
+# Measured on the H100 (NOTES v16 to v21): long-64k 64 x 4 at 216/72 7.24-7.43 ms, at
 # 224/56 7.47-7.59 while its producer spilled (v17, v18); since v18's leaner producer it
 # no longer spills but only ties 216/72 (6.62-6.79 against 6.65-6.70 ms, v19), so it is
 # not tried; 232/40 made the producer spill (v16); 128 keys a tile spill in the
-# consumers and took 8.4. Two programs of 64 rows an SM need two sets
+# consumers and took 8.4 (v16), and still spill with the gates after the row maximum
+# (7.39-8.79 ms against 6.36-6.74, v21). Two programs of 64 rows an SM need two sets
 # of rings in shared memory: at most 2 key slots of 64 keys (D = 128, 100596 bytes a
 # program), or 4 of 32. gpt4-4k: 64 x 2 at 208/48 6.81 ms, 200/56 6.88, 216/40 7.01 (the
 # producer spills), 32 x 4 7.70, 64 x 3 (one program an SM) 9.97.
