@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     cap = [run_kw["CONSUMER_REGS"], run_kw["PRODUCER_REGS"]]
                     warps = ws_attn.warps(heads * block_m)
+                    a = ws_attn.kernel_args(a)
                 else:
                     bn, warps, stages, *cap = tile
                     run_kw = dict(BN=bn, num_warps=warps, num_stages=stages,

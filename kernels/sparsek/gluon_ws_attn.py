@@ -4,10 +4,12 @@ The same work as ``gluon_attn.sparsek_attn_fwd_gluon`` (one block of queries of 
 its list tiles then its dense tiles), split among warpgroups (four warps each), as
 FlashAttention-3 splits a dense attention:
 
-- a producer gathers each tile's key rows (with their scores and sort ranks, the gates'
-  inputs) and its value rows by ``cp.async`` into two rings of shared-memory slots
-  (STAGES for keys, one more for values, which are held a step longer); each of its
-  threads signals a slot's "ready" barrier when its own copies land;
+- a producer gathers each list tile's key rows and value rows by ``cp.async`` into two
+  rings of shared-memory slots (STAGES for keys, one more for values, which are held a
+  step longer), and copies each dense tile (consecutive rows) whole by one TMA copy a
+  ring; every tile's scores and sort ranks (the gates' inputs) come by ``cp.async``. A
+  slot's "ready" barrier completes when each producer thread's copies have landed and
+  the TMA copy's bytes have arrived;
 - a consumer for each 64 of the program's rows (two for 128 rows; one for 64, and then
   two programs share an SM). Each waits for tile t's keys and tile t - 1's values, runs
   the logits of tile t and the value product of tile t - 1 on the tensor cores,
@@ -41,6 +43,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     async_copy,
     fence_async_shared,
     mbarrier,
+    tma,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
@@ -54,6 +57,8 @@ from sparsek.gluon_attn import (
 )
 from sparsek.triton_attn import program_block, window_pairs
 
+# Keys a tile: the dense range's TMA boxes hold this many rows (see descriptors).
+TILE_KEYS = 64
 # Rows of a consumer warpgroup: a warpgroup product's height.
 CONSUMER_ROWS = gl.constexpr(64)
 # How far (log2 units) a tile's row maximum may exceed the running one before the softmax
@@ -245,9 +250,24 @@ def _dense_gate(q_pos, o_j, b_u, tau, W, CAUSAL: gl.constexpr):
 
 
 @gluon.jit
-def _producer(k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, rings, S, Hq, Hkv, NBG, K, W,
-              ROW0: gl.constexpr, CAUSAL: gl.constexpr, BM: gl.constexpr, HG: gl.constexpr,
-              BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr):
+def _box(desc, i_bh, j0, dst, bar, BN: gl.constexpr, D: gl.constexpr):
+    """Rows j0 .. j0 + BN - 1 of (batch, kv head) row i_bh into the slot dst by one TMA
+    copy; rows outside the sequence read as zeros. desc views the row as [D // 64, S, 64]
+    (see descriptors), so the box lands 64-column line by line in the slot's order. dst
+    is viewed without its swizzle: the copy swizzles by the shared-memory address it
+    writes, which is the slot's own swizzle (the slot is aligned to the pattern)."""
+    gl.static_assert((desc.block_shape[1] == D // 64) & (desc.block_shape[2] == BN),
+                     "the descriptors' box is one tile of keys")
+    plain: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16,
+                                               rank=4)
+    box = dst._reinterpret(dst.dtype, [1, D // 64, BN, 64], plain)
+    tma.async_copy_global_to_shared(desc, [i_bh, 0, j0, 0], bar, box)
+
+
+@gluon.jit
+def _producer(k_ptr, v_ptr, k_desc, v_desc, u_ptr, rank_ptr, g_ptr, cnt_ptr, rings, S, Hq,
+              Hkv, NBG, K, W, ROW0: gl.constexpr, CAUSAL: gl.constexpr, BM: gl.constexpr,
+              HG: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr):
     """Copy tile t's keys (with their scores and sort ranks) into slot t % STAGES of their
     ring and its values into slot t % (STAGES + 1) of theirs, each once the consumers
     have freed it.
@@ -256,7 +276,10 @@ def _producer(k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, rings, S, Hq, Hkv, 
     their time (NOTES v18), so it issues few: keys and values move 16 bytes a thread
     along D, and a row's score and sort rank are copied only by the threads that hold the
     row in a layout of one row a thread (in the copy layout sixteen threads hold each
-    row, and all of them copied it)."""
+    row, and all of them copied it). A dense tile's keys and values take one TMA copy
+    each instead of a row a thread (2.1-2.8% less time, NOTES v22); a slot's ready
+    barrier then counts one arrival more, with the copy's bytes (without them on a list
+    tile)."""
     k_smem, v_smem, u_smem, r_smem, k_ready, k_free, v_ready, v_free = rings
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [4, 1], [1, 0])
     by_row: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [4, 1], [1, 0])
@@ -277,15 +300,26 @@ def _producer(k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, rings, S, Hq, Hkv, 
         slot = t % STAGES
         v_slot = t % (STAGES + 1)
         off = (pos * D)[:, None] + o_d[None, :]
+        j0 = j_start + (t - n_list) * BN  # a dense tile's first row
         # A fresh barrier counts as freed once: round 0 passes at once.
         mbarrier.wait(k_free.index(slot), ((t // STAGES) & 1) ^ 1)
-        async_copy.async_copy_global_to_shared(k_smem.index(slot), k_base + off)
+        if t < n_list:
+            async_copy.async_copy_global_to_shared(k_smem.index(slot), k_base + off)
+            mbarrier.arrive(k_ready.index(slot), count=1)
+        else:
+            mbarrier.expect(k_ready.index(slot), BN * D * 2)
+            _box(k_desc, i_bh, j0, k_smem.index(slot), k_ready.index(slot), BN, D)
         async_copy.async_copy_global_to_shared(u_smem.index(slot), u_row + pos_r)
         async_copy.async_copy_global_to_shared(r_smem.index(slot), rank_row + pos_r)
         # Every thread's arrival fires when its own copies so far have landed.
         async_copy.mbarrier_arrive(k_ready.index(slot), increment_count=False)
         mbarrier.wait(v_free.index(v_slot), ((t // (STAGES + 1)) & 1) ^ 1)
-        async_copy.async_copy_global_to_shared(v_smem.index(v_slot), v_base + off)
+        if t < n_list:
+            async_copy.async_copy_global_to_shared(v_smem.index(v_slot), v_base + off)
+            mbarrier.arrive(v_ready.index(v_slot), count=1)
+        else:
+            mbarrier.expect(v_ready.index(v_slot), BN * D * 2)
+            _box(v_desc, i_bh, j0, v_smem.index(v_slot), v_ready.index(v_slot), BN, D)
         async_copy.mbarrier_arrive(v_ready.index(v_slot), increment_count=False)
         pos = _rows(t + 1, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, BN, ld)
         pos_r = _rows(t + 1, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, BN, by_row)
@@ -398,13 +432,14 @@ def _consumer(q_smem, ones_smem, rings, tau_ptr, rk_ptr, cnt_ptr, o_ptr, lse_ptr
 @gluon.jit
 def sparsek_attn_fwd_ws(
     q_ptr, k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, tau_ptr, rk_ptr, cnt_ptr, o_ptr, lse_ptr,
-    S, Hq, Hkv, NBG, K, W, qk_scale,
+    S, Hq, Hkv, NBG, K, W, qk_scale, k_desc, v_desc,
     ROW0: gl.constexpr, CAUSAL: gl.constexpr, BM: gl.constexpr, HG: gl.constexpr,
     BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
     """o [B, Hq, S, D] and lse [B, Hq, S] for one block of queries; arguments as in
-    ``triton_attn.sparsek_attn_fwd_kernel``. num_warps = 4 (the first consumer); a
+    ``triton_attn.sparsek_attn_fwd_kernel``, then k and v's TMA descriptors (see
+    descriptors). num_warps = 4 (the first consumer); a
     second consumer (128 rows) and the producer add four warps each. With one consumer,
     its registers are what the producer leaves of the kernel's cap."""
     M: gl.constexpr = HG * BM
@@ -441,8 +476,9 @@ def sparsek_attn_fwd_ws(
     ones_smem = gl.allocate_shared_memory(
         dtype, [NL, BN], gl.NVMMASharedLayout.get_default_for([NL, BN], dtype),
         value=gl.full([NL, BN], 1.0, dtype, ld))
-    # Two barriers a slot of either ring: its tile ready (one arrival per producer thread)
-    # and free (one per consumer). Each kind is an allocation of its own: the compiler's
+    # Two barriers a slot of either ring: its tile ready (one arrival per producer thread,
+    # and one more: a list tile's plain, a dense tile's with its TMA copy's bytes) and free
+    # (one per consumer). Each kind is an allocation of its own: the compiler's
     # shared-memory hazard analysis sees one allocation as one buffer, so with all four in
     # one, every wait after an arrive (on any slot) took a barrier of the partition's warps
     # (four a tile in the producer, down to one).
@@ -451,10 +487,10 @@ def sparsek_attn_fwd_ws(
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES + 1, 1], mbarrier.MBarrierLayout())
     v_free = gl.allocate_shared_memory(gl.int64, [STAGES + 1, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=128)
+        mbarrier.init(k_ready.index(i), count=128 + 1)
         mbarrier.init(k_free.index(i), count=CONSUMERS)
     for i in gl.static_range(STAGES + 1):
-        mbarrier.init(v_ready.index(i), count=128)
+        mbarrier.init(v_ready.index(i), count=128 + 1)
         mbarrier.init(v_free.index(i), count=CONSUMERS)
     gl.thread_barrier()
 
@@ -468,15 +504,15 @@ def sparsek_attn_fwd_ws(
                          Hq, Hkv, K, W, qk_scale, 0, ROW0, CAUSAL, BM, HG, BN, D, STAGES)),
             (_consumer, (q_smem, ones_smem, rings, tau_ptr, rk_ptr, cnt_ptr, o_ptr, lse_ptr, S,
                          Hq, Hkv, K, W, qk_scale, 1, ROW0, CAUSAL, BM, HG, BN, D, STAGES)),
-            (_producer, (k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, rings, S, Hq, Hkv, NBG,
-                         K, W, ROW0, CAUSAL, BM, HG, BN, D, STAGES)),
+            (_producer, (k_ptr, v_ptr, k_desc, v_desc, u_ptr, rank_ptr, g_ptr, cnt_ptr, rings,
+                         S, Hq, Hkv, NBG, K, W, ROW0, CAUSAL, BM, HG, BN, D, STAGES)),
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
             (_consumer, (q_smem, ones_smem, rings, tau_ptr, rk_ptr, cnt_ptr, o_ptr, lse_ptr, S,
                          Hq, Hkv, K, W, qk_scale, 0, ROW0, CAUSAL, BM, HG, BN, D, STAGES)),
-            (_producer, (k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, cnt_ptr, rings, S, Hq, Hkv, NBG,
-                         K, W, ROW0, CAUSAL, BM, HG, BN, D, STAGES)),
+            (_producer, (k_ptr, v_ptr, k_desc, v_desc, u_ptr, rank_ptr, g_ptr, cnt_ptr, rings,
+                         S, Hq, Hkv, NBG, K, W, ROW0, CAUSAL, BM, HG, BN, D, STAGES)),
         ], [4], [PRODUCER_REGS])
 
 
@@ -493,10 +529,11 @@ def sparsek_attn_fwd_ws(
 # consumers and took 8.4 (v16), and still spill with the gates after the row maximum
 # (7.39-8.79 ms against 6.36-6.74, v21). Two programs of 64 rows an SM need two sets
 # of rings in shared memory: at most 2 key slots of 64 keys (D = 128, 100596 bytes a
-# program), or 4 of 32. gpt4-4k: 64 x 2 at 208/48 6.81 ms, 200/56 6.88, 216/40 7.01 (the
-# producer spills), 32 x 4 7.70, 64 x 3 (one program an SM) 9.97.
+# program). gpt4-4k: 64 x 2 at 208/48 6.81 ms, 200/56 6.88, 216/40 7.01 (the producer
+# spills), 64 x 3 (one program an SM) 9.97; 32-key tiles (4 slots) took 7.70 and are no
+# longer offered: the dense range's TMA box is one tile of TILE_KEYS keys.
 WS_CONFIGS = {128: [(64, 4, 216, 72), (64, 3, 216, 72)],
-              64: [(64, 2, 208, 48), (64, 2, 200, 56), (32, 4, 208, 48)]}
+              64: [(64, 2, 208, 48), (64, 2, 200, 56)]}
 WS_MAXNREG = {128: 168, 64: 128}
 ROWS = tuple(sorted(WS_CONFIGS))  # rows a program: 64 a consumer warpgroup (a product's height)
 
@@ -516,7 +553,7 @@ def supported(q: torch.Tensor, rows: int) -> bool:
 def launch_kwargs(block_n: int, stages: int, consumer_regs: int | None = None,
                   producer_regs: int | None = None, rows: int = 128) -> dict:
     """Launch options of one tile for programs of `rows` rows (64 or 128): block_n keys a
-    step, stages (>= 2) key ring slots (the value ring gets one more), and the registers
+    step (TILE_KEYS), stages (>= 2) key ring slots (the value ring gets one more), and the registers
     of each consumer and of the producer (the first tuned tile's when not given):
     multiples of 8 from 24 to 256 (setmaxnreg's range), every warpgroup together within
     the kernel's cap, consumers * consumer_regs + producer_regs <= (consumers + 1) *
@@ -524,6 +561,9 @@ def launch_kwargs(block_n: int, stages: int, consumer_regs: int | None = None,
     if rows not in ROWS:
         raise ValueError(f"the warp-specialized attention kernel runs programs of "
                          f"{' or '.join(map(str, ROWS))} rows; got {rows}")
+    if block_n != TILE_KEYS:
+        raise ValueError(f"the warp-specialized attention kernel takes tiles of "
+                         f"block_n={TILE_KEYS} keys (its TMA box); got {block_n}")
     if stages < 2:
         raise ValueError(f"the warp-specialized attention kernel needs at least 2 "
                          f"shared-memory slots; got {stages}")
@@ -547,6 +587,31 @@ def launch_kwargs(block_n: int, stages: int, consumer_regs: int | None = None,
                          f"{consumer_regs}")
     return dict(BN=block_n, STAGES=stages, CONSUMER_REGS=consumer_regs,
                 PRODUCER_REGS=producer_regs, num_warps=4, maxnreg=cap)
+
+
+def descriptors(k: torch.Tensor, v: torch.Tensor) -> tuple:
+    """The kernel's TMA descriptors of contiguous k and v [B, Hkv, S, D], 16-byte aligned
+    (TMA's rule; kernel_args sees to it): each (batch, kv head) row seen as
+    [D // 64, S, 64] (64-column lines, then positions), a box of one tile of TILE_KEYS
+    positions by every line. A copy of such a box writes line after line, the order of
+    the kernel's swizzled slots; positions outside [0, S) read as zeros."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    batch, heads, seq, dim = k.shape
+    bits = torch.finfo(k.dtype).bits
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=bits, rank=4)
+    return tuple(TensorDescriptor(x, [batch * heads, dim // 64, seq, 64],
+                                  [seq * dim, 64, dim, 1], [1, dim // 64, TILE_KEYS, 64],
+                                  layout) for x in (k, v))
+
+
+def kernel_args(args: tuple) -> tuple:
+    """This kernel's positional arguments from the Triton kernel's (``args`` of
+    ``triton_fwd.attention_launch``): the same, then k and v's descriptors. A k or v
+    that does not start on a 16-byte boundary (a view into its storage) is copied: TMA
+    and the 16-byte row copies both need the alignment."""
+    k, v = (x if x.data_ptr() % 16 == 0 else x.clone() for x in args[1:3])
+    return (args[0], k, v, *args[3:]) + descriptors(k, v)
 
 
 _TUNED: dict = {}

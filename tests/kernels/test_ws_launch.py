@@ -31,6 +31,7 @@ print(json.dumps(out))
 
 BAD = [
     ((64, 1), "at least 2 shared-memory slots"),
+    ((32, 4), "tiles of block_n=64 keys (its TMA box); got 32"),
     ((64, 4, 228, 48), "consumer_regs must be a multiple of 8"),
     ((64, 4, 224, 16), "producer_regs must be a multiple of 8 from 24 to 256"),
     ((64, 4, 240, 56), "must be at most 504"),
