@@ -21,10 +21,13 @@ products (or the other program's) can hold the tensor cores. Registers move to w
 they are used (the compiler's ``setmaxnreg`` from each partition's count): the consumers
 hold the accumulators, the producer little more than addresses.
 
-Measured on the H100 (``kernels/NOTES.md``, v16 to v21): memory does not bound this
+Measured on the H100 (``kernels/NOTES.md``, v16 to v22): memory does not bound this
 kernel. The instructions its warps issue, the producer's included, did until v20, and are
 kept few; since then neither fewer instructions nor a shorter chain in a consumer's step
-has moved it by more than the spread between runs (v21). The rows' weight sums come from
+has moved it by more than the spread between runs (v21). Gathered rows cost the
+consumers through the copies' instructions, not their bytes (v21), and TMA copies a row
+were 4x slower than ``cp.async`` (v22): only the dense tiles, whole, come by TMA. The
+rows' weight sums come from
 the tensor cores (the rounded weights times a few columns of ones, next to the value
 product), weights are rounded two an instruction and gates clipped in one, after the
 row maxima, a row's running maximum moves only when a tile's exceeds it by 2 ** 8, so
