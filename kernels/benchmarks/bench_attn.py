@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     cap = [run_kw["CONSUMER_REGS"], run_kw["PRODUCER_REGS"]]
                     warps = ws_attn.warps(heads * block_m)
-                    a = ws_attn.kernel_args(a)
+                    a = ws_attn.kernel_args(a, block_m)
                 else:
                     bn, warps, stages, *cap = tile
                     run_kw = dict(BN=bn, num_warps=warps, num_stages=stages,

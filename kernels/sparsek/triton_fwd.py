@@ -625,7 +625,7 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.T
             runs["gluon"] = lambda: run_attention(gluon_attn.tuned(rows), launches, args,
                                                   gluon_attn.kernel_args(fixed))
         if ws_attn is not None and ws_attn.supported(q, rows):
-            ws_args = ws_attn.kernel_args(args)
+            ws_args = ws_attn.kernel_args(args, cfg.block_m)
             runs["ws"] = lambda: run_attention(ws_attn.tuned(rows), launches, ws_args,
                                                gluon_attn.kernel_args(fixed))
         key = (q.device.index, q.dtype, *q.shape, k.shape[1], kv_budget, window, causal,
@@ -635,7 +635,8 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.T
         run_attention(gluon_attn.sparsek_attn_fwd_gluon, launches, args,
                       gluon_attn.kernel_args(fixed), **gluon_launch)
     elif cfg.kernel == "ws":
-        run_attention(ws_attn.sparsek_attn_fwd_ws, launches, ws_attn.kernel_args(args),
+        run_attention(ws_attn.sparsek_attn_fwd_ws, launches,
+                      ws_attn.kernel_args(args, cfg.block_m),
                       gluon_attn.kernel_args(fixed), **ws_launch)
     else:
         run_attention(sparsek_attn_fwd_kernel, launches, args, fixed, BN=cfg.block_n,

@@ -260,18 +260,18 @@ def test_every_ws_tile_the_tuner_may_pick_matches_reference(
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_ws_attention_reads_keys_and_values_that_start_off_a_16_byte_boundary(
+def test_ws_attention_reads_inputs_that_start_off_a_16_byte_boundary(
         make_inputs, monkeypatch, causal):
-    # The dense range's tiles come by TMA, whose descriptors need 16-byte aligned bases;
-    # k and v here are contiguous views one element into their storage.
+    # The queries and the dense range's tiles come by TMA, whose descriptors need 16-byte
+    # aligned bases; q, k and v here are contiguous views one element into their storage.
     from sparsek.runner.inputs import Inputs
 
     x = make_inputs(batch=2, q_heads=4, kv_heads=2, seq_len=300, dim=128, dtype=BF16,
                     device="cuda")
-    k, v = (torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")[1:].view(t.shape)
-            .copy_(t) for t in (x.k, x.v))
-    assert k.is_contiguous() and k.data_ptr() % 16 != 0
-    x = Inputs(x.q, k, v, x.u)
+    q, k, v = (torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")[1:].view(t.shape)
+               .copy_(t) for t in (x.q, x.k, x.v))
+    assert all(t.is_contiguous() and t.data_ptr() % 16 != 0 for t in (q, k, v))
+    x = Inputs(q, k, v, x.u)
     _force_ws(monkeypatch, x.q, 2, (64, 4), 128)
     check_against_reference(x, BF16, kv_budget=40, window=70, causal=causal, scale=None)
 
