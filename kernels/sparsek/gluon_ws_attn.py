@@ -268,28 +268,34 @@ def _box(desc, i_bh, j0, dst, bar, BN: gl.constexpr, D: gl.constexpr):
 
 
 @gluon.jit
-def _queries(q_desc, q_smem, q_bar, i_b, i0, head0, Hq, BM: gl.constexpr, HG: gl.constexpr,
-             D: gl.constexpr):
-    """The block's queries into the consumers' slots by TMA, boxes of QB = min(BM, 64)
-    queries by 64 columns (queries past S read as zeros); q_bar completes with their
-    bytes. Row h * BM + i (query i0 + i of head head0 + h) is row (h * BM + i) % 64 of
-    consumer (h * BM + i) // 64's slot, so a box never straddles two slots; the slots
-    are viewed without their swizzle, as in _box."""
+def _query_boxes(desc, q_smem, bar, i_b, i0, head0, Hq, WG: gl.constexpr, LOAD: gl.constexpr,
+                 BM: gl.constexpr, HG: gl.constexpr, D: gl.constexpr):
+    """TMA copies between the block's queries' rows of q or o (desc) and the consumers'
+    slots q_smem: LOAD, every slot's rows from q, completing on bar; else consumer WG's
+    rows to o. A box is QB = min(BM, 64) queries of one head by 64 columns (queries past
+    S are not read, read as zeros, or not written). Row h * BM + i (query i0 + i of head
+    head0 + h) is row (h * BM + i) % 64 of consumer (h * BM + i) // 64's slot, so a box
+    never straddles two slots; the slots are viewed without their swizzle, as in _box."""
     M2: gl.constexpr = CONSUMER_ROWS
     QB: gl.constexpr = BM if BM < M2 else M2
-    gl.static_assert((q_desc.block_shape[1] == 1) & (q_desc.block_shape[2] == QB),
-                     "the query descriptor's box is min(BM, 64) queries by 64 columns")
+    gl.static_assert((desc.block_shape[1] == 1) & (desc.block_shape[2] == QB),
+                     "the query and output descriptors' box is min(BM, 64) rows by 64 columns")
     plain: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16,
                                                rank=4)
     lines = q_smem._reinterpret(q_smem.dtype, [HG * BM // M2, D // 64, M2, 64], plain)
-    mbarrier.expect(q_bar, HG * BM * D * 2)
+    if LOAD:
+        mbarrier.expect(bar, HG * BM * D * 2)
     for h in gl.static_range(HG):
         for part in gl.static_range(BM // QB):
-            for c in gl.static_range(D // 64):
-                box = lines.slice((h * BM + part * QB) // M2, 1, dim=0).slice(
-                    c, 1, dim=1).slice((h * BM + part * QB) % M2, QB, dim=2)
-                tma.async_copy_global_to_shared(
-                    q_desc, [i_b * Hq + head0 + h, c, i0 + part * QB, 0], q_bar, box)
+            if LOAD or ((h * BM + part * QB) // M2 == WG):
+                for c in gl.static_range(D // 64):
+                    box = lines.slice((h * BM + part * QB) // M2, 1, dim=0).slice(
+                        c, 1, dim=1).slice((h * BM + part * QB) % M2, QB, dim=2)
+                    coord = [i_b * Hq + head0 + h, c, i0 + part * QB, 0]
+                    if LOAD:
+                        tma.async_copy_global_to_shared(desc, coord, bar, box)
+                    else:
+                        tma.async_copy_shared_to_global(desc, coord, box)
 
 
 @gluon.jit
@@ -297,7 +303,7 @@ def _producer(q_desc, q_smem, q_bar, k_ptr, v_ptr, k_desc, v_desc, u_ptr, rank_p
               cnt_ptr, rings, S, Hq, Hkv, NBG, K, W, ROW0: gl.constexpr,
               CAUSAL: gl.constexpr, BM: gl.constexpr, HG: gl.constexpr, BN: gl.constexpr,
               D: gl.constexpr, STAGES: gl.constexpr):
-    """Start the block's queries on their way (_queries), then copy tile t's keys (with
+    """Start the block's queries on their way (_query_boxes), then copy tile t's keys (with
     their scores and sort ranks) into slot t % STAGES of their ring and its values into
     slot t % (STAGES + 1) of theirs, each once the consumers have freed it.
 
@@ -313,7 +319,7 @@ def _producer(q_desc, q_smem, q_bar, k_ptr, v_ptr, k_desc, v_desc, u_ptr, rank_p
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [4, 1], [1, 0])
     by_row: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [4, 1], [1, 0])
     i_blk, i_bh, i_b, i0, i1, head0 = program_block(S, Hq, Hkv, ROW0, BM, HG)
-    _queries(q_desc, q_smem, q_bar, i_b, i0, head0, Hq, BM, HG, D)
+    _query_boxes(q_desc, q_smem, q_bar, i_b, i0, head0, Hq, 0, True, BM, HG, D)
     n_sel, n_list, n_t, j_lo, j_hi, j_start, t1, t2 = _tiles(
         cnt_ptr, i_bh, i0, i1, S, W, CAUSAL, BM, BN, gl.SliceLayout(1, ld))
     k_base, v_base, u_row, rank_row, p_g = _sources(k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr,
@@ -356,8 +362,8 @@ def _producer(q_desc, q_smem, q_bar, k_ptr, v_ptr, k_desc, v_desc, u_ptr, rank_p
 
 
 @gluon.jit
-def _consumer(q_bar, q_smem, ones_smem, rings, tau_ptr, rk_ptr, cnt_ptr, o_ptr, lse_ptr, S, Hq,
-              Hkv, K, W, qk_scale, WG: gl.constexpr, ROW0: gl.constexpr, CAUSAL: gl.constexpr,
+def _consumer(q_bar, q_smem, ones_smem, rings, tau_ptr, rk_ptr, cnt_ptr, o_desc, lse_ptr, S,
+              Hq, Hkv, K, W, qk_scale, WG: gl.constexpr, ROW0: gl.constexpr, CAUSAL: gl.constexpr,
               BM: gl.constexpr, HG: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
               STAGES: gl.constexpr):
     """Rows WG * M2 .. WG * M2 + M2 - 1 of the program (M2 = 64; row h * BM + i is query
@@ -443,27 +449,27 @@ def _consumer(q_bar, q_smem, ones_smem, rings, tau_ptr, rk_ptr, cnt_ptr, o_ptr, 
     l_acc = warpgroup_mma(gl.convert_layout(p, pl_layout), ones, l_acc, is_async=True)
     acc, l_acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, l_acc))
 
-    # o and lse straight from the product's layout (no shared-memory round trip).
+    # o through this consumer's query slot (its last product has read it) and TMA: the
+    # product's layout gives each thread pairs of columns of 16 rows, whose direct stores
+    # cost 3-12% of the kernel's time (NOTES v22). lse straight from registers.
     l_i = gl.convert_layout(gl.max(l_acc, axis=1), row_s)
     has = l_i > 0
     l_o = gl.convert_layout(gl.where(has, l_i, 1.0), row_o)
-    o = (acc / l_o[:, None]).to(dtype)
+    q_w.store((acc / l_o[:, None]).to(dtype))
+    fence_async_shared()
+    _query_boxes(o_desc, q_smem, q_bar, i_b, i0, head0, Hq, WG, False, BM, HG, D)
     q_base = (i_b * Hq + head0).to(gl.int64) * S
-    o_mo = WG * M2 + gl.arange(0, M2, layout=row_o)
-    q_pos_o = i0 + o_mo % BM
-    o_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-    o_off = (((o_mo // BM) * S + q_pos_o).to(gl.int64) * D)[:, None] + o_d[None, :]
-    gl.store(o_ptr + q_base * D + o_off, o, mask=(q_pos_o < S)[:, None])
     m_use = gl.where(m_i == float("-inf"), 0.0, m_i)
     lse = gl.where(has, (m_use + gl.log2(gl.where(has, l_i, 1.0))) * 0.6931471805599453,
                    float("-inf"))
     gl.store(lse_ptr + q_base + (o_m // BM) * S + q_pos, lse, mask=m_q)
+    tma.store_wait(0)  # the slot is read before the program ends
 
 
 @gluon.jit
 def sparsek_attn_fwd_ws(
     q_ptr, k_ptr, v_ptr, u_ptr, rank_ptr, g_ptr, tau_ptr, rk_ptr, cnt_ptr, o_ptr, lse_ptr,
-    S, Hq, Hkv, NBG, K, W, qk_scale, k_desc, v_desc, q_desc,
+    S, Hq, Hkv, NBG, K, W, qk_scale, k_desc, v_desc, q_desc, o_desc,
     ROW0: gl.constexpr, CAUSAL: gl.constexpr, BM: gl.constexpr, HG: gl.constexpr,
     BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
@@ -523,10 +529,10 @@ def sparsek_attn_fwd_ws(
     # tuple variable would lose their constness.
     if CONSUMERS == 2:
         gl.warp_specialize([
-            (_consumer, (q_bar, q_smem, ones_smem, rings, tau_ptr, rk_ptr, cnt_ptr, o_ptr,
+            (_consumer, (q_bar, q_smem, ones_smem, rings, tau_ptr, rk_ptr, cnt_ptr, o_desc,
                          lse_ptr, S, Hq, Hkv, K, W, qk_scale, 0, ROW0, CAUSAL, BM, HG, BN, D,
                          STAGES)),
-            (_consumer, (q_bar, q_smem, ones_smem, rings, tau_ptr, rk_ptr, cnt_ptr, o_ptr,
+            (_consumer, (q_bar, q_smem, ones_smem, rings, tau_ptr, rk_ptr, cnt_ptr, o_desc,
                          lse_ptr, S, Hq, Hkv, K, W, qk_scale, 1, ROW0, CAUSAL, BM, HG, BN, D,
                          STAGES)),
             (_producer, (q_desc, q_smem, q_bar, k_ptr, v_ptr, k_desc, v_desc, u_ptr, rank_ptr,
@@ -535,7 +541,7 @@ def sparsek_attn_fwd_ws(
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
-            (_consumer, (q_bar, q_smem, ones_smem, rings, tau_ptr, rk_ptr, cnt_ptr, o_ptr,
+            (_consumer, (q_bar, q_smem, ones_smem, rings, tau_ptr, rk_ptr, cnt_ptr, o_desc,
                          lse_ptr, S, Hq, Hkv, K, W, qk_scale, 0, ROW0, CAUSAL, BM, HG, BN, D,
                          STAGES)),
             (_producer, (q_desc, q_smem, q_bar, k_ptr, v_ptr, k_desc, v_desc, u_ptr, rank_ptr,
@@ -617,12 +623,14 @@ def launch_kwargs(block_n: int, stages: int, consumer_regs: int | None = None,
                 PRODUCER_REGS=producer_regs, num_warps=4, maxnreg=cap)
 
 
-def descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int) -> tuple:
-    """The kernel's TMA descriptors of contiguous k, v [B, Hkv, S, D] and q [B, Hq, S, D],
-    16-byte aligned (TMA's rule; kernel_args sees to it). Each (batch, head) row is seen
+def descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                block_m: int) -> tuple:
+    """The kernel's TMA descriptors of contiguous k, v [B, Hkv, S, D] and q, o [B, Hq, S,
+    D], 16-byte aligned (TMA's rule; kernel_args sees to it for q, k and v, the caller
+    for o). Each (batch, head) row is seen
     as [D // 64, S, 64] (64-column lines, then positions). A box of k or v is one tile:
     TILE_KEYS positions by every line, written line after line, the order of the
-    kernel's swizzled slots; a box of q is min(block_m, 64) queries (at most one
+    kernel's swizzled slots; a box of q or o is min(block_m, 64) queries (at most one
     consumer's rows) by one line. Positions outside
     [0, S) read as zeros."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -636,17 +644,24 @@ def descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int)
                                 [seq * dim, 64, dim, 1], [1, per_box, rows, 64], layout)
 
     dim = q.shape[-1]
+    rows = min(block_m, CONSUMER_ROWS.value)
     return (lines(k, TILE_KEYS, dim // 64), lines(v, TILE_KEYS, dim // 64),
-            lines(q, min(block_m, CONSUMER_ROWS.value), 1))
+            lines(q, rows, 1), lines(o, rows, 1))
 
 
 def kernel_args(args: tuple, block_m: int) -> tuple:
     """This kernel's positional arguments from the Triton kernel's (``args`` of
-    ``triton_fwd.attention_launch``, blocks of block_m queries): the same, then k, v and
-    q's descriptors. A q, k or v that does not start on a 16-byte boundary (a view into
-    its storage) is copied: TMA and the 16-byte row copies both need the alignment."""
+    ``triton_fwd.attention_launch``, blocks of block_m queries): the same, then k, v, q
+    and o's descriptors. A q, k or v that does not start on a 16-byte boundary (a view
+    into its storage) is copied: TMA and the 16-byte row copies both need the alignment.
+    o must start on one (ValueError otherwise; launch_forward writes such an o through
+    a buffer of its own)."""
     q, k, v = (x if x.data_ptr() % 16 == 0 else x.clone() for x in args[:3])
-    return (q, k, v, *args[3:]) + descriptors(q, k, v, block_m)
+    o = args[9]
+    if o.data_ptr() % 16:
+        raise ValueError("the warp-specialized kernel writes o by TMA, which needs o to "
+                         "start on a 16-byte boundary; pass a buffer that does")
+    return (q, k, v, *args[3:]) + descriptors(q, k, v, o, block_m)
 
 
 _TUNED: dict = {}

@@ -611,7 +611,10 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.T
                          f"{cfg.kernel!r}")
     sel = select(u, kv_budget, window, causal, cfg)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    o_dst = o if o.is_contiguous() else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    # The kernels write contiguous outputs; the warp-specialized one writes o by TMA,
+    # which needs it to start on a 16-byte boundary too.
+    o_dst = (o if o.is_contiguous() and o.data_ptr() % 16 == 0
+             else torch.empty(q.shape, dtype=q.dtype, device=q.device))
     lse_dst = lse if lse.is_contiguous() else torch.empty(lse.shape, dtype=lse.dtype,
                                                           device=lse.device)
     launches, args, fixed = attention_launch(q, k, v, sel, window, causal, scale, cfg,

@@ -276,6 +276,26 @@ def test_ws_attention_reads_inputs_that_start_off_a_16_byte_boundary(
     check_against_reference(x, BF16, kv_budget=40, window=70, causal=causal, scale=None)
 
 
+def test_ws_attention_writes_an_out_buffer_that_starts_off_a_16_byte_boundary(
+        make_inputs, monkeypatch):
+    # The kernel writes o by TMA (16-byte aligned bases only): an out that starts one
+    # element into its storage is written through a buffer of the forward's own, and
+    # gets exactly what an aligned one gets.
+    from sparsek.triton_fwd import sparsek_attention_triton
+
+    x = make_inputs(batch=1, q_heads=8, kv_heads=2, seq_len=700, dim=128, dtype=BF16,
+                    device="cuda")
+    _force_ws(monkeypatch, x.q, 4, (64, 4), 128)
+    kw = dict(kv_budget=50, window=40, causal=True)
+    want, want_lse = sparsek_attention_triton(x.q, x.k, x.v, x.u, **kw)
+    out = torch.full((x.q.numel() + 1,), float("nan"), dtype=BF16, device="cuda")
+    out = out[1:].view(x.q.shape)
+    assert out.data_ptr() % 16 != 0
+    o, lse = sparsek_attention_triton(x.q, x.k, x.v, x.u, out=out, **kw)
+    assert o is out
+    assert torch.equal(o, want) and torch.equal(lse, want_lse)
+
+
 def test_ws_kernel_on_blocks_other_than_64_or_128_rows_is_refused_before_anything_runs(
         make_inputs, monkeypatch):
     import dataclasses
