@@ -4,17 +4,19 @@ The same work as ``gluon_attn.sparsek_attn_fwd_gluon`` (one block of queries of 
 its list tiles then its dense tiles), split among warpgroups (four warps each), as
 FlashAttention-3 splits a dense attention:
 
-- a producer gathers each list tile's key rows and value rows by ``cp.async`` into two
-  rings of shared-memory slots (STAGES for keys, one more for values, which are held a
-  step longer), and copies each dense tile (consecutive rows) whole by one TMA copy a
-  ring; every tile's scores and sort ranks (the gates' inputs) come by ``cp.async``. A
-  slot's "ready" barrier completes when each producer thread's copies have landed and
-  the TMA copy's bytes have arrived;
+- a producer first sends the block's queries into the consumers' slots by TMA, then
+  gathers each list tile's key rows and value rows by ``cp.async`` into two rings of
+  shared-memory slots (STAGES for keys, one more for values, which are held a step
+  longer), and copies each dense tile (consecutive rows) whole by one TMA copy a ring;
+  every tile's scores and sort ranks (the gates' inputs) come by ``cp.async``. A slot's
+  "ready" barrier completes when each producer thread's copies have landed and the TMA
+  copy's bytes have arrived;
 - a consumer for each 64 of the program's rows (two for 128 rows; one for 64, and then
   two programs share an SM). Each waits for tile t's keys and tile t - 1's values, runs
   the logits of tile t and the value product of tile t - 1 on the tensor cores,
   computes tile t's gates and softmax meanwhile, then frees tile t's key slot and, once
-  that value product is done, tile t - 1's value slot (their "free" barriers).
+  that value product is done, tile t - 1's value slot (their "free" barriers). At the
+  end it writes o into its query slot and sends it out by TMA.
 
 The consumers never wait on each other: while one is in its softmax, the other's
 products (or the other program's) can hold the tensor cores. Registers move to where
@@ -26,14 +28,14 @@ kernel. The instructions its warps issue, the producer's included, did until v20
 kept few; since then neither fewer instructions nor a shorter chain in a consumer's step
 has moved it by more than the spread between runs (v21). Gathered rows cost the
 consumers through the copies' instructions, not their bytes (v21), and TMA copies a row
-were 4x slower than ``cp.async`` (v22): only the dense tiles, whole, come by TMA. The
-rows' weight sums come from
-the tensor cores (the rounded weights times a few columns of ones, next to the value
-product), weights are rounded two an instruction and gates clipped in one, after the
-row maxima, a row's running maximum moves only when a tile's exceeds it by 2 ** 8, so
-most steps skip the accumulator's rescaling (a vote of each warp's lanes, no barrier),
-and the producer copies without predicates, each score once. Float16 and bfloat16 only,
-64 or 128 rows a program.
+were 4x slower than ``cp.async`` (v22): only whole boxes (queries, outputs, dense
+tiles) move by TMA, 5-10% less time than loading and storing them by thread (v22).
+The rows' weight sums come from the tensor cores (the rounded weights times a few
+columns of ones, next to the value product), weights are rounded two an instruction and
+gates clipped in one, after the row maxima, a row's running maximum moves only when a
+tile's exceeds it by 2 ** 8, so most steps skip the accumulator's rescaling (a vote of
+each warp's lanes, no barrier), and the producer copies without predicates, each score
+once. Float16 and bfloat16 only, 64 or 128 rows a program.
 """
 
 from __future__ import annotations
@@ -312,7 +314,7 @@ def _producer(q_desc, q_smem, q_bar, k_ptr, v_ptr, k_desc, v_desc, u_ptr, rank_p
     along D, and a row's score and sort rank are copied only by the threads that hold the
     row in a layout of one row a thread (in the copy layout sixteen threads hold each
     row, and all of them copied it). A dense tile's keys and values take one TMA copy
-    each instead of a row a thread (2.1-2.8% less time, NOTES v22); a slot's ready
+    each instead of a row a thread (0.7-2.8% less time, NOTES v22); a slot's ready
     barrier then counts one arrival more, with the copy's bytes (without them on a list
     tile)."""
     k_smem, v_smem, u_smem, r_smem, k_ready, k_free, v_ready, v_free = rings
