@@ -270,6 +270,19 @@ def _box(desc, i_bh, j0, dst, bar, BN: gl.constexpr, D: gl.constexpr):
 
 
 @gluon.jit
+def _fill(is_list, src, desc, i_bh, j0, dst, ready, BN: gl.constexpr, D: gl.constexpr):
+    """A ring slot's rows: a list tile's gathered by cp.async from src (each thread's
+    own arrival on ready follows; here one plain arrival more), a dense tile's by one TMA
+    box (the arrival more carries its bytes)."""
+    if is_list:
+        async_copy.async_copy_global_to_shared(dst, src)
+        mbarrier.arrive(ready, count=1)
+    else:
+        mbarrier.expect(ready, BN * D * 2)
+        _box(desc, i_bh, j0, dst, ready, BN, D)
+
+
+@gluon.jit
 def _query_boxes(desc, q_smem, bar, i_b, i0, head0, Hq, WG: gl.constexpr, LOAD: gl.constexpr,
                  BM: gl.constexpr, HG: gl.constexpr, D: gl.constexpr):
     """TMA copies between the block's queries' rows of q or o (desc) and the consumers'
@@ -341,23 +354,15 @@ def _producer(q_desc, q_smem, q_bar, k_ptr, v_ptr, k_desc, v_desc, u_ptr, rank_p
         j0 = j_start + (t - n_list) * BN  # a dense tile's first row
         # A fresh barrier counts as freed once: round 0 passes at once.
         mbarrier.wait(k_free.index(slot), ((t // STAGES) & 1) ^ 1)
-        if t < n_list:
-            async_copy.async_copy_global_to_shared(k_smem.index(slot), k_base + off)
-            mbarrier.arrive(k_ready.index(slot), count=1)
-        else:
-            mbarrier.expect(k_ready.index(slot), BN * D * 2)
-            _box(k_desc, i_bh, j0, k_smem.index(slot), k_ready.index(slot), BN, D)
+        _fill(t < n_list, k_base + off, k_desc, i_bh, j0, k_smem.index(slot),
+              k_ready.index(slot), BN, D)
         async_copy.async_copy_global_to_shared(u_smem.index(slot), u_row + pos_r)
         async_copy.async_copy_global_to_shared(r_smem.index(slot), rank_row + pos_r)
         # Every thread's arrival fires when its own copies so far have landed.
         async_copy.mbarrier_arrive(k_ready.index(slot), increment_count=False)
         mbarrier.wait(v_free.index(v_slot), ((t // (STAGES + 1)) & 1) ^ 1)
-        if t < n_list:
-            async_copy.async_copy_global_to_shared(v_smem.index(v_slot), v_base + off)
-            mbarrier.arrive(v_ready.index(v_slot), count=1)
-        else:
-            mbarrier.expect(v_ready.index(v_slot), BN * D * 2)
-            _box(v_desc, i_bh, j0, v_smem.index(v_slot), v_ready.index(v_slot), BN, D)
+        _fill(t < n_list, v_base + off, v_desc, i_bh, j0, v_smem.index(v_slot),
+              v_ready.index(v_slot), BN, D)
         async_copy.mbarrier_arrive(v_ready.index(v_slot), increment_count=False)
         pos = _rows(t + 1, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, BN, ld)
         pos_r = _rows(t + 1, n_t, n_list, n_sel, p_g, j_start, j_lo, j_hi, BN, by_row)
