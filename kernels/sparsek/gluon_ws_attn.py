@@ -457,8 +457,9 @@ def _consumer(q_bar, q_smem, ones_smem, rings, tau_ptr, rk_ptr, cnt_ptr, o_desc,
     acc, l_acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, l_acc))
 
     # o through this consumer's query slot (its last product has read it) and TMA: the
-    # product's layout gives each thread pairs of columns of 16 rows, whose direct stores
-    # cost 3-12% of the kernel's time (NOTES v22). lse straight from registers.
+    # product's layout gives each thread pairs of columns of 16 rows, and without their
+    # direct stores the kernel took 3-12% less time (NOTES v22). lse straight from
+    # registers.
     l_i = gl.convert_layout(gl.max(l_acc, axis=1), row_s)
     has = l_i > 0
     l_o = gl.convert_layout(gl.where(has, l_i, 1.0), row_o)
@@ -482,10 +483,10 @@ def sparsek_attn_fwd_ws(
     PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
     """o [B, Hq, S, D] and lse [B, Hq, S] for one block of queries; arguments as in
-    ``triton_attn.sparsek_attn_fwd_kernel``, then k and v's TMA descriptors (see
-    descriptors). num_warps = 4 (the first consumer); a
-    second consumer (128 rows) and the producer add four warps each. With one consumer,
-    its registers are what the producer leaves of the kernel's cap."""
+    ``triton_attn.sparsek_attn_fwd_kernel``, then the TMA descriptors of k, v, q and o
+    (see descriptors). num_warps = 4 (the first consumer); a second consumer (128 rows)
+    and the producer add four warps each. With one consumer, its registers are what the
+    producer leaves of the kernel's cap."""
     M: gl.constexpr = HG * BM
     M2: gl.constexpr = CONSUMER_ROWS
     CONSUMERS: gl.constexpr = M // M2
@@ -498,8 +499,8 @@ def sparsek_attn_fwd_ws(
     flat: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
 
     # The block's queries, each consumer's rows in its own slot, copied by the producer
-    # (_queries): 2.8-3.6% less time than loading them here before the partitions start
-    # (NOTES v22).
+    # (_query_boxes): 2.8-3.6% less time than loading them here before the partitions
+    # start (NOTES v22). Each consumer's slot holds its o at the end.
     q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, M2, D], smem)
     q_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout()).index(0)
     mbarrier.init(q_bar, count=1)
@@ -594,8 +595,8 @@ def supported(q: torch.Tensor, rows: int) -> bool:
 def launch_kwargs(block_n: int, stages: int, consumer_regs: int | None = None,
                   producer_regs: int | None = None, rows: int = 128) -> dict:
     """Launch options of one tile for programs of `rows` rows (64 or 128): block_n keys a
-    step (TILE_KEYS), stages (>= 2) key ring slots (the value ring gets one more), and the registers
-    of each consumer and of the producer (the first tuned tile's when not given):
+    step (TILE_KEYS), stages (>= 2) key ring slots (the value ring gets one more), and the
+    registers of each consumer and of the producer (the first tuned tile's when not given):
     multiples of 8 from 24 to 256 (setmaxnreg's range), every warpgroup together within
     the kernel's cap, consumers * consumer_regs + producer_regs <= (consumers + 1) *
     WS_MAXNREG[rows], exactly that with one consumer (it gets what the producer leaves)."""
@@ -634,12 +635,11 @@ def descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tens
                 block_m: int) -> tuple:
     """The kernel's TMA descriptors of contiguous k, v [B, Hkv, S, D] and q, o [B, Hq, S,
     D], 16-byte aligned (TMA's rule; kernel_args sees to it for q, k and v, the caller
-    for o). Each (batch, head) row is seen
-    as [D // 64, S, 64] (64-column lines, then positions). A box of k or v is one tile:
-    TILE_KEYS positions by every line, written line after line, the order of the
-    kernel's swizzled slots; a box of q or o is min(block_m, 64) queries (at most one
-    consumer's rows) by one line. Positions outside
-    [0, S) read as zeros."""
+    for o). Each (batch, head) row is seen as [D // 64, S, 64] (64-column lines, then
+    positions). A box of k or v is one tile: TILE_KEYS positions by every line, written
+    line after line, the order of the kernel's swizzled slots; a box of q or o is
+    min(block_m, 64) queries (at most one consumer's rows) by one line. Positions outside
+    [0, S) read as zeros and are not written."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     bits = torch.finfo(q.dtype).bits
