@@ -573,7 +573,9 @@ def sparsek_attn_fwd_ws(
 # of rings in shared memory: at most 2 key slots of 64 keys (D = 128, 100596 bytes a
 # program). gpt4-4k: 64 x 2 at 208/48 6.81 ms, 200/56 6.88, 216/40 7.01 (the producer
 # spills), 64 x 3 (one program an SM) 9.97; 32-key tiles (4 slots) took 7.70 and are no
-# longer offered: the dense range's TMA box is one tile of TILE_KEYS keys.
+# longer offered: the dense range's TMA box is one tile of TILE_KEYS keys. Since the
+# queries and outputs move by TMA (v22), 216/40 no longer spills and ties 208/48 (0.994),
+# and long-64k's 224/56 ties 216/72 (0.998).
 WS_CONFIGS = {128: [(64, 4, 216, 72), (64, 3, 216, 72)],
               64: [(64, 2, 208, 48), (64, 2, 200, 56)]}
 WS_MAXNREG = {128: 168, 64: 128}
