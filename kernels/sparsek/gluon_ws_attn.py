@@ -64,6 +64,11 @@ from sparsek.triton_attn import program_block, window_pairs
 
 # Keys a tile: the dense range's TMA boxes hold this many rows (see descriptors).
 TILE_KEYS = 64
+# The slots seen without their swizzle, as TMA copies address them: a copy swizzles by the
+# shared-memory address it writes or reads, which is the slots' own swizzle (they are
+# aligned to its pattern). Four dimensions, as the descriptors' boxes (see descriptors).
+UNSWIZZLED = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16,
+                                               rank=4))
 # Rows of a consumer warpgroup: a warpgroup product's height.
 CONSUMER_ROWS = gl.constexpr(64)
 # How far (log2 units) a tile's row maximum may exceed the running one before the softmax
@@ -258,14 +263,11 @@ def _dense_gate(q_pos, o_j, b_u, tau, W, CAUSAL: gl.constexpr):
 def _box(desc, i_bh, j0, dst, bar, BN: gl.constexpr, D: gl.constexpr):
     """Rows j0 .. j0 + BN - 1 of (batch, kv head) row i_bh into the slot dst by one TMA
     copy; rows outside the sequence read as zeros. desc views the row as [D // 64, S, 64]
-    (see descriptors), so the box lands 64-column line by line in the slot's order. dst
-    is viewed without its swizzle: the copy swizzles by the shared-memory address it
-    writes, which is the slot's own swizzle (the slot is aligned to the pattern)."""
+    (see descriptors), so the box lands 64-column line by line in the slot's order; dst
+    is viewed UNSWIZZLED."""
     gl.static_assert((desc.block_shape[1] == D // 64) & (desc.block_shape[2] == BN),
                      "the descriptors' box is one tile of keys")
-    plain: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16,
-                                               rank=4)
-    box = dst._reinterpret(dst.dtype, [1, D // 64, BN, 64], plain)
+    box = dst._reinterpret(dst.dtype, [1, D // 64, BN, 64], UNSWIZZLED)
     tma.async_copy_global_to_shared(desc, [i_bh, 0, j0, 0], bar, box)
 
 
@@ -290,14 +292,12 @@ def _query_boxes(desc, q_smem, bar, i_b, i0, head0, Hq, WG: gl.constexpr, LOAD: 
     rows to o. A box is QB = min(BM, 64) queries of one head by 64 columns (queries past
     S are not read, read as zeros, or not written). Row h * BM + i (query i0 + i of head
     head0 + h) is row (h * BM + i) % 64 of consumer (h * BM + i) // 64's slot, so a box
-    never straddles two slots; the slots are viewed without their swizzle, as in _box."""
+    never straddles two slots; the slots are viewed UNSWIZZLED."""
     M2: gl.constexpr = CONSUMER_ROWS
     QB: gl.constexpr = BM if BM < M2 else M2
     gl.static_assert((desc.block_shape[1] == 1) & (desc.block_shape[2] == QB),
                      "the query and output descriptors' box is min(BM, 64) rows by 64 columns")
-    plain: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16,
-                                               rank=4)
-    lines = q_smem._reinterpret(q_smem.dtype, [HG * BM // M2, D // 64, M2, 64], plain)
+    lines = q_smem._reinterpret(q_smem.dtype, [HG * BM // M2, D // 64, M2, 64], UNSWIZZLED)
     if LOAD:
         mbarrier.expect(bar, HG * BM * D * 2)
     for h in gl.static_range(HG):
