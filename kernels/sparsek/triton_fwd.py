@@ -628,8 +628,9 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.T
             runs["gluon"] = lambda: run_attention(gluon_attn.tuned(rows), launches, args,
                                                   gluon_attn.kernel_args(fixed))
         if ws_attn is not None and ws_attn.supported(q, rows):
-            ws_args = ws_attn.kernel_args(args, cfg.block_m)
-            runs["ws"] = lambda: run_attention(ws_attn.tuned(rows), launches, ws_args,
+            # Its descriptors (and copies of misaligned inputs) only when it runs.
+            runs["ws"] = lambda: run_attention(ws_attn.tuned(rows), launches,
+                                               ws_attn.kernel_args(args, cfg.block_m),
                                                gluon_attn.kernel_args(fixed))
         key = (q.device.index, q.dtype, *q.shape, k.shape[1], kv_budget, window, causal,
                cfg.block_m, fixed["HG"], *runs)
