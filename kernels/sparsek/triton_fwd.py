@@ -116,6 +116,13 @@ BOUNDARY_CHUNK = 128
 # Ranks a step of the boundary kernel's long walks: its list, and its second cursor's
 # first descent from the top of the sort.
 BOUNDARY_WALK_CHUNK = 256  # long-64k's selection: 128 ranks 2.49 ms, 256: 2.39, 512: 2.47
+# Consecutive boundaries a program solves, each threshold from the one before (see
+# sparsek_boundary_fwd_kernel): fewer, longer programs, whose cursors move a few ranks a
+# boundary instead of walking from the K-th member. Measured on the H100, long-64k's
+# selection (outputs equal bit for bit at every length): 1.294 ms at 1, 1.145 at 2, 1.111
+# at 3, 1.054 at 4, 1.064 at 6; 8 and more leave too few programs to hide their chains'
+# latency (1.171 at 8, 1.434 at 16, 1.712 at 32, against 1.086 at 4 in that run).
+BOUNDARY_CHAIN = 4
 # The attention's grid is (blocks, rows, head groups); a CUDA grid's second dimension holds
 # at most 65535 programs, so more (batch, kv head) rows take several launches, each from
 # a constant first row (so the usual single launch compiles to the kernel as measured).
@@ -348,12 +355,13 @@ def _select_causal(scores, z, sp, rank, budget, window, cfg) -> Selection:
     tables = prefix_tables(sp, nl0, levels) if levels else sp[:, :0]
 
     def boundaries(flags, stride, redo=False):
-        sparsek_boundary_fwd_kernel[(nbnd * bh,)](
-            z, sp, tables, lists, bf, bi, flags, seq_len, nl0, nbnd,
+        chain = 1 if scan else BOUNDARY_CHAIN  # the scan's launches solve few boundaries
+        sparsek_boundary_fwd_kernel[(triton.cdiv(nbnd, chain) * bh,)](
+            z, sp, tables, scores, lists, bf, bi, flags, seq_len, nl0, nbnd,
             budget, window, MAX_NEWTON, stride,
             BM=cfg.block_m, CH=min(cfg.chunk, BOUNDARY_CHUNK),
             CHW=min(cfg.chunk, BOUNDARY_WALK_CHUNK), GATED=scan, LEVELS=levels, REDO=redo,
-            num_warps=BOUNDARY_WARPS,
+            CHAIN=chain, num_warps=BOUNDARY_WARPS,
             **_cap(BOUNDARY_MAX_REGISTERS))
 
     if not scan:

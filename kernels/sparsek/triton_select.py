@@ -230,10 +230,10 @@ def _sort_cursor(z_ptr, lr_ptr, row, l_row, c, NL, S, t, STRICT: tl.constexpr,
 
 @triton.jit
 def sparsek_boundary_fwd_kernel(
-    z_ptr, sp_ptr, lr_ptr, g_ptr, bf_ptr, bi_ptr, flag_ptr,
+    z_ptr, sp_ptr, lr_ptr, u_ptr, g_ptr, bf_ptr, bi_ptr, flag_ptr,
     S, NL0, NBND, K, W, MAXIT, STRIDE,
     BM: tl.constexpr, CH: tl.constexpr, CHW: tl.constexpr, GATED: tl.constexpr,
-    LEVELS: tl.constexpr, REDO: tl.constexpr = False,
+    LEVELS: tl.constexpr, REDO: tl.constexpr = False, CHAIN: tl.constexpr = 1,
 ):
     """Causal block boundaries: top-K list and exact threshold of each prefix base.
 
@@ -255,14 +255,46 @@ def sparsek_boundary_fwd_kernel(
     are spread over the whole sort (finding K of them there takes about S * K / |base|
     ranks), but make up more than half of that table, so the walk takes fewer than 2 K
     entries (2 |base| for a base of at most K members).
+
+    CHAIN: each program takes CHAIN consecutive boundaries of its row. After the first it
+    solves, each threshold starts from the one before (``_next_threshold``): the base
+    gains at most BM members, so the root moves little and the cursors a few ranks,
+    where a fresh solve walks them from the K-th member and from the top. The lists are
+    walked afresh at every boundary. Only for ungated launches (GATED solves few
+    boundaries a row, so a chain would rarely have a threshold to start from).
     """
-    # One program per (row, boundary), every row's boundary 0 first, then every row's
-    # boundary 1, ...: the early boundaries walk the most (their bases are short), so they
-    # start first and the short walks fill in behind them.
-    bh = tl.num_programs(0) // NBND
-    i_b = tl.program_id(0) // bh
+    # One program per (row, chain of CHAIN boundaries), every row's first chain first,
+    # then every row's second, ...: the early boundaries walk the most (their bases are
+    # short), so they start first and the short walks fill in behind them.
+    bh = tl.num_programs(0) // tl.cdiv(NBND, CHAIN)
+    i_c = tl.program_id(0) // bh
     i_bh = tl.program_id(0) % bh
     row = i_bh.to(tl.int64) * S
+    # The chain's state (valid while `have`): the last threshold solved, the end of its
+    # base, and its two cursors into the sort with the base's counts and float64 sums
+    # before them (see _move_cursor).
+    zero = (i_bh * 0).to(tl.int32)
+    have = zero != 0
+    t_prev = zero.to(tl.float32)
+    p_prev = zero
+    c1, n1, s1 = zero, zero, zero.to(tl.float64)
+    c2, n2, s2 = zero, zero, zero.to(tl.float64)
+    for step in range(CHAIN):
+        i_b = i_c * CHAIN + step
+        if i_b < NBND:
+            have, t_prev, p_prev, c1, n1, s1, c2, n2, s2 = _boundary(
+                z_ptr, sp_ptr, lr_ptr, u_ptr, g_ptr, bf_ptr, bi_ptr, flag_ptr, S, NL0, NBND,
+                K, W, MAXIT, STRIDE, i_bh, i_b, row, have, t_prev, p_prev, c1, n1, s1, c2,
+                n2, s2, BM, CH, CHW, GATED, LEVELS, REDO)
+
+
+@triton.jit
+def _boundary(z_ptr, sp_ptr, lr_ptr, u_ptr, g_ptr, bf_ptr, bi_ptr, flag_ptr, S, NL0, NBND,
+              K, W, MAXIT, STRIDE, i_bh, i_b, row, have, t_prev, p_prev, c1, n1, s1, c2, n2,
+              s2, BM: tl.constexpr, CH: tl.constexpr, CHW: tl.constexpr,
+              GATED: tl.constexpr, LEVELS: tl.constexpr, REDO: tl.constexpr):
+    """Boundary i_b of row i_bh (see sparsek_boundary_fwd_kernel), given the chain's state
+    after the boundary before it; returns the state after this one."""
     P = tl.minimum(i_b * BM - W, S - 1)
     n_base = tl.maximum(P + 1, 0)
     n_g = tl.minimum(n_base, K)
@@ -282,47 +314,55 @@ def sparsek_boundary_fwd_kernel(
         n_g = tl.where(work, n_g, 0)
     p_g = g_ptr + (i_bh.to(tl.int64) * NBND + i_b) * K
     o_ch = tl.arange(0, CHW)
+    solve = n_base > K
+    if GATED:
+        solve = solve & work & ((tl.load(flag_ptr + i_bh) != 0) | (i_b % STRIDE == 0))
     # Walk the source from the top, compacting base members into the list. The walk also
-    # keeps the entry of the K-th member and the float64 sum of the K - 1 before it: the
-    # threshold's first cursor starts there instead of walking the same entries again.
-    # Scores are read only as the threshold's inputs; a shorter base keeps every member.
-    n_z = tl.where(n_base > K, n_src, 0)
+    # keeps the entry of the K-th member, and for a fresh solve the float64 sum of the
+    # K - 1 before it: the threshold's first cursor starts there instead of walking the
+    # same entries again. Scores are read only as a fresh solve's inputs.
+    sums = solve & (have == 0)
+    n_z = tl.where(sums, n_src, 0)
     cnt = n_g * 0
     r0 = n_g * 0
     r_k = n_g * 0
-    z_k = tl.sum(tl.zeros([CH], tl.float32), axis=0)
-    s_k = z_k.to(tl.float64)
+    s_k = tl.sum(tl.zeros([CH], tl.float64), axis=0)
     while cnt < n_g:
         o = r0 + o_ch
         m_in = o < n_src
         b_r, b_p = _walked(sp_ptr, lr_ptr, row, l_row, o, m_in, use_l)
-        b_z = tl.load(z_ptr + row + b_r, mask=o < n_z, other=float("-inf"))
         m_base = m_in & (b_p <= P)
         idx = cnt + tl.cumsum(m_base.to(tl.int32), axis=0) - 1
         tl.store(p_g + idx, b_p, mask=m_base & (idx < n_g))
-        m_last = m_base & (idx == n_g - 1)
-        z_k += tl.sum(tl.where(m_last, b_z, 0.0), axis=0)
-        r_k += tl.sum(tl.where(m_last, o, 0), axis=0)
-        s_k += tl.sum(tl.where(m_base & (idx < n_g - 1), b_z, 0.0).to(tl.float64), axis=0)
+        r_k += tl.sum(tl.where(m_base & (idx == n_g - 1), o, 0), axis=0)
+        if sums:
+            b_z = tl.load(z_ptr + row + b_r, mask=o < n_z, other=float("-inf"))
+            s_k += tl.sum(tl.where(m_base & (idx < n_g - 1), b_z, 0.0).to(tl.float64),
+                          axis=0)
         cnt += tl.sum(m_base.to(tl.int32), axis=0)
         r0 += CHW
+    # The K-th member's score (entry r_k of the source).
+    z_k = tl.load(z_ptr + row + _walked(sp_ptr, lr_ptr, row, l_row, r_k, solve, use_l)[0],
+                  mask=solve, other=0.0)
     tau = float("-inf") + z_k * 0
     d_mid = z_k * 0
-    a = cnt * 0
-    n = cnt * 0
-    c1 = cnt * 0
-    c2 = cnt * 0
-    solve = n_base > K
-    if GATED:
-        solve = solve & work & ((tl.load(flag_ptr + i_bh) != 0) | (i_b % STRIDE == 0))
     if solve:
-        tau, d_mid, a, n, c1, c2 = _boundary_threshold(
-            z_ptr, sp_ptr, lr_ptr, row, l_row, use_l, n_src, z_k, r_k, s_k, P, K,
-            MAXIT, CH, CHW)
-        if use_l:  # the cursors stored are the sort's
-            t1 = tau + 1.0
-            c1 = _sort_cursor(z_ptr, lr_ptr, row, l_row, c1, NL, S, tau, True, CH)
-            c2 = _sort_cursor(z_ptr, lr_ptr, row, l_row, c2, NL, S, t1, False, CH)
+        if have:
+            tau, d_mid, c1, n1, s1, c2, n2, s2 = _next_threshold(
+                z_ptr, sp_ptr, u_ptr, row, S, p_prev, P, t_prev, c1, n1, s1, c2, n2, s2, z_k,
+                K, MAXIT, BM, CH)
+        else:
+            tau, d_mid, c1, n1, s1, c2, n2, s2 = _boundary_threshold(
+                z_ptr, sp_ptr, lr_ptr, row, l_row, use_l, n_src, z_k, r_k, s_k, P, K,
+                MAXIT, CH, CHW)
+            if use_l:  # the cursors kept and stored are the sort's
+                t1 = tau + 1.0
+                c1 = _sort_cursor(z_ptr, lr_ptr, row, l_row, c1, NL, S, tau, True, CH)
+                c2 = _sort_cursor(z_ptr, lr_ptr, row, l_row, c2, NL, S, t1, False, CH)
+    a = tl.where(solve, n2, 0)
+    n = tl.where(solve, n1 - n2, 0)
+    c1 = tl.where(solve, c1, 0)
+    c2 = tl.where(solve, c2, 0)
     p_f = bf_ptr + (i_bh.to(tl.int64) * NBND + i_b) * 2
     p_i = bi_ptr + (i_bh.to(tl.int64) * NBND + i_b) * 4
     tl.store(p_f, tau, mask=work)
@@ -331,29 +371,64 @@ def sparsek_boundary_fwd_kernel(
     tl.store(p_i + 1, n, mask=work)
     tl.store(p_i + 2, c1, mask=work)
     tl.store(p_i + 3, c2, mask=work)
+    return solve, tau, P, c1, n1, s1, c2, n2, s2
 
 
 @triton.jit
 def _boundary_threshold(z_ptr, sp_ptr, lr_ptr, row, l_row, use_l, n_src, z_k, r_k,
                         s_k, P, K, MAXIT, CH: tl.constexpr, CHW: tl.constexpr):
     """Exact tau of the base [0, P] (more than K members, the K-th best score z_k at entry
-    r_k of the walked source, the K - 1 before it summing to s_k). The cursors returned are
-    entries of that source."""
-    t = z_k
-    lo, hi = _outward(z_k - 1.0, z_k)
+    r_k of the walked source, the K - 1 before it summing to s_k), solved afresh. Returns
+    _cursor_newton's tuple; the cursors are entries of that source."""
     zero = (P * 0).to(tl.int32)
     # Cursor 1 (z > t) starts at the K-th member: the entries above it hold exactly the
     # K - 1 members before it. Its first move (t = z_k) steps back over any ties with z_k.
-    c1, n1, s1 = r_k, zero + K - 1, s_k
     # Cursor 2 (z >= t + 1) walks down from the top once, in the list walk's long steps;
     # the Newton steps then move both cursors a little, in short ones.
     c2, n2, s2 = _move_cursor(z_ptr, sp_ptr, lr_ptr, row, l_row, use_l, n_src, zero,
-                              zero, zero.to(tl.float64), t + 1.0, P, False, CHW)
+                              zero, zero.to(tl.float64), z_k + 1.0, P, False, CHW)
+    lo, hi = _outward(z_k - 1.0, z_k)
+    return _cursor_newton(z_ptr, sp_ptr, lr_ptr, row, l_row, use_l, n_src, z_k, lo, hi,
+                          r_k, zero + K - 1, s_k, c2, n2, s2, P, K, MAXIT, CH)
+
+
+@triton.jit
+def _next_threshold(z_ptr, sp_ptr, u_ptr, row, S, p_prev, P, t_prev, c1, n1, s1, c2, n2,
+                    s2, z_k, K, MAXIT, BM: tl.constexpr, CH: tl.constexpr):
+    """Exact tau of the base [0, P] (the K-th best score z_k) from the threshold t_prev of
+    the base [0, p_prev] before it in the chain (P - p_prev <= BM), with that base's
+    cursors into the sort (c1 = #{z > t_prev}, c2 = #{z >= t_prev + 1}) and its members'
+    counts and float64 sums before them. The new members before the cursors join the
+    counts; the cursors count every score, so they stay. New members only raise f, so
+    the root lies at or above t_prev (up to its rounding), and on random scores a few
+    ranks of the sort away."""
+    o = p_prev + 1 + tl.arange(0, BM)
+    m = o <= P
+    b_z = tl.load(u_ptr + row + o, mask=m, other=float("-inf"))
+    m1 = m & (b_z > t_prev)
+    m2 = m & (b_z >= t_prev + 1.0)
+    n1 += tl.sum(m1.to(tl.int32), axis=0)
+    s1 += tl.sum(tl.where(m1, b_z, 0.0).to(tl.float64), axis=0)
+    n2 += tl.sum(m2.to(tl.int32), axis=0)
+    s2 += tl.sum(tl.where(m2, b_z, 0.0).to(tl.float64), axis=0)
+    t = tl.maximum(z_k - 1.0, t_prev)
+    lo, hi = _outward(t, z_k)
+    return _cursor_newton(z_ptr, sp_ptr, sp_ptr, row, row, P != P, S, t, lo, hi, c1, n1,
+                          s1, c2, n2, s2, P, K, MAXIT, CH)
+
+
+@triton.jit
+def _cursor_newton(z_ptr, sp_ptr, lr_ptr, row, l_row, use_l, n_src, t, lo, hi, c1, n1, s1,
+                   c2, n2, s2, P, K, MAXIT, CH: tl.constexpr):
+    """Newton from t in the bracket [lo, hi] on f(t) = #{z >= t + 1} + sum over
+    t < z < t + 1 of (z - t) over the base [0, P], each step's counts and sums from the
+    two cursors (moved by _move_cursor) -> (tau, D, c1, n1, s1, c2, n2, s2) at tau."""
+    zero = (P * 0).to(tl.int32)
     prev_a, prev_n = zero - 1, zero - 1
     newton = zero != 0
     it = zero
     go = zero == 0
-    d_mid = z_k * 0
+    d_mid = t * 0
     while go:
         c1, n1, s1 = _move_cursor(z_ptr, sp_ptr, lr_ptr, row, l_row, use_l, n_src,
                                   c1, n1, s1, t, P, True, CH)
@@ -369,7 +444,7 @@ def _boundary_threshold(z_ptr, sp_ptr, lr_ptr, row, l_row, use_l, n_src, z_k, r_
         t = tl.where(done, t, t_next)
         it += 1
         go = done == 0
-    return t, d_mid, prev_a, prev_n, c1, c2
+    return t, d_mid, c1, n1, s1, c2, n2, s2
 
 
 @triton.jit

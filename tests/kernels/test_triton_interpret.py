@@ -249,6 +249,32 @@ def test_causal_boundaries_select_the_same_from_the_prefix_tables(seed, monkeypa
         assert torch.equal(got.lists[:, written], want.lists[:, written]), variant
 
 
+@pytest.mark.parametrize("pattern", ["ties", "wide", "constant", "steep"])
+def test_chained_boundaries_solve_as_each_alone(seed, monkeypatch, pattern):
+    # A program of the boundary kernel solves several consecutive boundaries, each
+    # threshold from the one before: the same lists and thresholds as solving each
+    # boundary afresh, bit for bit, and the mask's selection.
+    from sparsek import triton_fwd
+
+    monkeypatch.setattr(triton_fwd, "SCAN_MAX_BUDGET", -1)  # every boundary is solved
+    u = SCORE_PATTERNS[pattern](torch.Generator().manual_seed(seed), 257).contiguous()
+    K, W, block_m = 9, 4, 16
+    cfg = triton_fwd.ForwardConfig(block_m=block_m, heads=1, block_n=16, chunk=16,
+                                   num_warps=4, num_stages=1)
+    n_list = (torch.arange(-(-257 // block_m) + 1) * block_m - W + 1).clamp(0, K)
+    written = torch.arange(K)[None, :] < n_list[:, None]  # entries each list holds
+    runs = {}
+    for chain in (1, 3, 17):  # 17: every boundary of a row but the last in one program
+        monkeypatch.setattr(triton_fwd, "BOUNDARY_CHAIN", chain)
+        runs[chain] = triton_fwd.select(u, K, W, True, cfg)
+    want = runs.pop(1)
+    for chain, got in runs.items():
+        for name in ("tau", "rk", "cnt"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), (chain, name)
+        assert torch.equal(got.lists[:, written], want.lists[:, written]), chain
+    _check_selection(u, K, W, True, block_m)
+
+
 @pytest.mark.parametrize("pattern", ["randn", "ties"])
 def test_noncausal_window_half_the_row_keeps_the_threshold_exact(seed, pattern):
     # W = S / 2 leaves a middle query a handful of candidates: its equation is the whole
