@@ -7,7 +7,7 @@ after a warm-up; prints one row per (shape, path, warps, register cap).
 
 Usage: python kernels/benchmarks/bench_select.py [--cases gpt4-4k,long-64k]
        [--paths scan,per-query] [--warps 4] [--regs scan=none,scan=168,boundary=80]
-       [--boundary 4x1024,1x128x512] [--block-warps 4,1] [--select-rows 16,32]
+       [--boundary 4x1024,1x128x512x4] [--block-warps 4,1] [--select-rows 16,32]
        [--prefix 0,auto,8192] [--reps 20]
 --regs: variants to time, each one kernel's cap on registers per thread (scan, noncausal,
 boundary or block), the others left as the forward sets them; none is the compiler's
@@ -44,7 +44,8 @@ CAPS = {"scan": "SCAN_MAX_REGISTERS", "noncausal": "NONCAUSAL_MAX_REGISTERS",
 
 # The forward's module settings a variant may change; each variant starts from their values.
 KNOBS = ("SCAN_MAX_BUDGET", "SCAN_MAX_ENDS", "SCAN_MIN_ROWS", "SCAN_WARPS", "NONCAUSAL_WARPS",
-         "BOUNDARY_WARPS", "BOUNDARY_CHUNK", "BOUNDARY_WALK_CHUNK", "BLOCK_CAUSAL_WARPS",
+         "BOUNDARY_WARPS", "BOUNDARY_CHUNK", "BOUNDARY_WALK_CHUNK", "BOUNDARY_CHAIN",
+         "BLOCK_CAUSAL_WARPS",
          "SELECT_ROWS", "PREFIX_LEN", *CAPS.values())
 
 
@@ -75,14 +76,17 @@ def _variant(item: str) -> tuple[str, int | str | None]:
     return kernel, None if cap == "none" else cap if cap == "auto" else int(cap)
 
 
-def _boundary(item: str) -> tuple[int, int, int]:
-    """'4x1024' -> (4 warps, 1024 ranks a cursor step, 1024 a walk step); '1x128x512' ->
-    (1, 128, 512), for the causal boundary kernel."""
+def _boundary(item: str) -> tuple[int, int, int, int | None]:
+    """'4x1024' -> (4 warps, 1024 ranks a cursor step, 1024 a walk step, the forward's
+    chain); '1x128x512x4' -> (1, 128, 512, chains of 4 boundaries), for the causal
+    boundary kernel."""
     parts = item.split("x")
-    if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts):
-        raise SystemExit(f"--boundary: {item!r} is not WARPSxCHUNK[xWALK], e.g. 4x1024")
+    if len(parts) not in (2, 3, 4) or not all(p.isdigit() for p in parts):
+        raise SystemExit(f"--boundary: {item!r} is not WARPSxCHUNK[xWALK[xCHAIN]], "
+                         "e.g. 4x1024")
     warps, chunk = int(parts[0]), int(parts[1])
-    return warps, chunk, int(parts[2]) if len(parts) == 3 else chunk
+    walk = int(parts[2]) if len(parts) >= 3 else chunk
+    return warps, chunk, walk, int(parts[3]) if len(parts) == 4 else None
 
 
 def time_select(u: torch.Tensor, budget: int, window: int, causal: bool,
@@ -112,9 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--regs", default="",
                         help="KERNEL=CAP variants, comma-separated (default: the forward's)")
     parser.add_argument("--boundary", default="",
-                        help="causal boundary-kernel variants WARPSxCHUNK[xWALK] (warps, "
-                             "ranks a cursor step, ranks a walk step), comma-separated, "
-                             "e.g. 4x1024,1x128x512 (default: the forward's)")
+                        help="causal boundary-kernel variants WARPSxCHUNK[xWALK[xCHAIN]] "
+                             "(warps, ranks a cursor step, ranks a walk step, boundaries "
+                             "a program), comma-separated, e.g. 4x1024,1x128x512x4 "
+                             "(default: the forward's)")
     parser.add_argument("--block-warps", default="",
                         help="warps of the causal per-query kernel to try, comma-separated")
     parser.add_argument("--select-rows", default="",
@@ -152,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
                         _set_variant(base, causal, path, warps, cap)
                         if bound is not None:
                             (triton_fwd.BOUNDARY_WARPS, triton_fwd.BOUNDARY_CHUNK,
-                             triton_fwd.BOUNDARY_WALK_CHUNK) = bound
+                             triton_fwd.BOUNDARY_WALK_CHUNK) = bound[:3]
+                            if bound[3] is not None:
+                                triton_fwd.BOUNDARY_CHAIN = bound[3]
                         if block is not None:
                             triton_fwd.BLOCK_CAUSAL_WARPS = block
                         if sub is not None:
@@ -166,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                         ms = time_select(u, budget, window, causal, cfg, args.reps)
                         label = "-" if cap is None else f"{cap[0]}={cap[1]}"
                         if bound is not None:
-                            label += " b" + "x".join(map(str, bound))
+                            label += " b" + "x".join(str(x) for x in bound if x is not None)
                         if block is not None:
                             label += f" q{block}"
                         if sub is not None:
