@@ -213,6 +213,27 @@ def test_per_query_cut_with_lists_longer_than_a_block_matches_the_mask(seed, mon
     _check_selection(u, 40, 4, True, 16)
 
 
+def _boundary_case(seed, pattern):
+    """Scores of 257 positions in one row, with K = 9, W = 4 and blocks of 16: every
+    boundary is solved when the scan is off. Returns (u, K, W, cfg, written): written
+    [boundaries, K] marks the entries each boundary's list holds."""
+    from sparsek import triton_fwd
+
+    u = SCORE_PATTERNS[pattern](torch.Generator().manual_seed(seed), 257).contiguous()
+    K, W, block_m = 9, 4, 16
+    cfg = triton_fwd.ForwardConfig(block_m=block_m, heads=1, block_n=16, chunk=16,
+                                   num_warps=4, num_stages=1)
+    n_list = (torch.arange(-(-257 // block_m) + 1) * block_m - W + 1).clamp(0, K)
+    return u, K, W, cfg, torch.arange(K)[None, :] < n_list[:, None]
+
+
+def _assert_same_selection(got, want, written, variant):
+    """Two selections agree bit for bit: thresholds, cuts, list counts, written lists."""
+    for name in ("tau", "rk", "cnt"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), (variant, name)
+    assert torch.equal(got.lists[:, written], want.lists[:, written]), variant
+
+
 @pytest.mark.parametrize("pattern", ["ties", "wide", "constant", "decreasing"])
 def test_causal_boundaries_select_the_same_from_the_prefix_tables(seed, monkeypatch, pattern):
     # A boundary walks the shortest prefix table holding its base (the sort's entries at
@@ -221,12 +242,7 @@ def test_causal_boundaries_select_the_same_from_the_prefix_tables(seed, monkeypa
     from sparsek import triton_fwd
 
     monkeypatch.setattr(triton_fwd, "SCAN_MAX_BUDGET", -1)  # every boundary is solved
-    u = SCORE_PATTERNS[pattern](torch.Generator().manual_seed(seed), 257).contiguous()
-    K, W, block_m = 9, 4, 16
-    cfg = triton_fwd.ForwardConfig(block_m=block_m, heads=1, block_n=16, chunk=16,
-                                   num_warps=4, num_stages=1)
-    n_list = (torch.arange(-(-257 // block_m) + 1) * block_m - W + 1).clamp(0, K)
-    written = torch.arange(K)[None, :] < n_list[:, None]  # entries each list holds
+    u, K, W, cfg, written = _boundary_case(seed, pattern)
     # (longest table, shortest at least): none; the rule's two tables (64, 128); one
     # table of 16; six tables, 4 to 128; four from 100 down (100, 50, 25, 12 -> 12 .. 96).
     variants = [(0, 64), (None, 64), (16, 64), (None, 4), (100, 8)]
@@ -244,9 +260,7 @@ def test_causal_boundaries_select_the_same_from_the_prefix_tables(seed, monkeypa
     assert triton_fwd.prefix_levels(257) == (64, 2)
     want = runs.pop((0, 64))
     for variant, got in runs.items():
-        for name in ("tau", "rk", "cnt"):
-            assert torch.equal(getattr(got, name), getattr(want, name)), (variant, name)
-        assert torch.equal(got.lists[:, written], want.lists[:, written]), variant
+        _assert_same_selection(got, want, written, variant)
 
 
 @pytest.mark.parametrize("pattern", ["ties", "wide", "constant", "steep"])
@@ -257,22 +271,15 @@ def test_chained_boundaries_solve_as_each_alone(seed, monkeypatch, pattern):
     from sparsek import triton_fwd
 
     monkeypatch.setattr(triton_fwd, "SCAN_MAX_BUDGET", -1)  # every boundary is solved
-    u = SCORE_PATTERNS[pattern](torch.Generator().manual_seed(seed), 257).contiguous()
-    K, W, block_m = 9, 4, 16
-    cfg = triton_fwd.ForwardConfig(block_m=block_m, heads=1, block_n=16, chunk=16,
-                                   num_warps=4, num_stages=1)
-    n_list = (torch.arange(-(-257 // block_m) + 1) * block_m - W + 1).clamp(0, K)
-    written = torch.arange(K)[None, :] < n_list[:, None]  # entries each list holds
+    u, K, W, cfg, written = _boundary_case(seed, pattern)
     runs = {}
     for chain in (1, 3, 17):  # 17: every boundary of a row but the last in one program
         monkeypatch.setattr(triton_fwd, "BOUNDARY_CHAIN", chain)
         runs[chain] = triton_fwd.select(u, K, W, True, cfg)
     want = runs.pop(1)
     for chain, got in runs.items():
-        for name in ("tau", "rk", "cnt"):
-            assert torch.equal(getattr(got, name), getattr(want, name)), (chain, name)
-        assert torch.equal(got.lists[:, written], want.lists[:, written]), chain
-    _check_selection(u, K, W, True, block_m)
+        _assert_same_selection(got, want, written, chain)
+    _check_selection(u, K, W, True, cfg.block_m)
 
 
 @pytest.mark.parametrize("pattern", ["randn", "ties"])
