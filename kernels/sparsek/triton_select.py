@@ -659,9 +659,10 @@ def _causal_tau_slots(z_ptr, sp_ptr, row, P, p_f, p_i, lo_b, hi_b, c1_r, c1_u, c
     are few and live in NS register slots.
     """
     lo1 = lo_b + 1.0
-    tr = tl.zeros([BQ], tl.float32) + lo_b
-    xs1, xm1, xd1 = _range_terms(z_ptr, sp_ptr, row, c2_u, ends, P, tr, tr + 1.0, BQ, CHX)
-    xs2, xm2, xd2 = _range_terms(z_ptr, sp_ptr, row, c1_u, c1_r, P, tr, tr + 1.0, BQ, CHX)
+    # The base's bending members' terms at lo_b, the same for every query: one row.
+    tr = tl.zeros([1], tl.float32) + lo_b
+    xs1, xm1, xd1 = _range_terms(z_ptr, sp_ptr, row, c2_u, ends, P, tr, tr + 1.0, 1, CHX)
+    xs2, xm2, xd2 = _range_terms(z_ptr, sp_ptr, row, c1_u, c1_r, P, tr, tr + 1.0, 1, CHX)
     x_sat = tl.max(xs1 + xs2, axis=0)
     x_mid = tl.max(xm1 + xm2, axis=0)
     x_d = tl.max(xd1 + xd2, axis=0)
@@ -677,8 +678,15 @@ def _causal_tau_slots(z_ptr, sp_ptr, row, P, p_f, p_i, lo_b, hi_b, c1_r, c1_u, c
     s_e = tl.min(tl.where(hot, tl.arange(0, BM)[:, None], BM), axis=0)
     ys = tl.where(big[:, None] & (s_e[None, :] < o_q[:, None]), s_u[None, :],
                   float("-inf"))  # [BQ, NS]
-    lo, hi = _outward(tl.maximum(z_cut - 1.0, lo_b), tl.minimum(z_cut, hi_b))
-    t = hi
+    lo_q = tl.maximum(z_cut - 1.0, lo_b)
+    lo, hi = _outward(lo_q, tl.minimum(z_cut, hi_b))
+    # The first point is lo_b when it is every query's lower bracket end (its K-th best
+    # z_cut at most lo_b + 1, as on random scores), where the base's bending members'
+    # terms are the ones just summed: that step reads no memory. Else hi, as the steps
+    # go on from either end of [z_cut - 1, z_cut], where f is flat at K nowhere but at
+    # the lower end, which is then the largest root.
+    first = tl.min(tl.where(big, lo_q == lo_b, 1), axis=0) != 0
+    t = tl.where(first, lo_b, hi)
     prev_s = tl.zeros([BQ], tl.int32) - 1
     prev_n = prev_s
     newton = prev_s > 0
@@ -686,20 +694,27 @@ def _causal_tau_slots(z_ptr, sp_ptr, row, P, p_f, p_i, lo_b, hi_b, c1_r, c1_u, c
     it = MAXIT * 0
     while tl.max(active.to(tl.int32), axis=0) > 0:
         t1 = t + 1.0
-        s_1, n_1, d_1 = _range_terms(z_ptr, sp_ptr, row, c2_u, ends, P, t, t1, BQ, CHX)
-        s_2, n_2, d_2 = _range_terms(z_ptr, sp_ptr, row, c1_u, c1_r, P, t, t1, BQ, CHX)
+        if first:
+            s_r = tl.zeros([BQ], tl.int32) + x_sat
+            n_r = tl.zeros([BQ], tl.int32) + x_mid
+            d_r = tl.zeros([BQ], tl.float32) + x_d
+        else:
+            s_1, n_1, d_1 = _range_terms(z_ptr, sp_ptr, row, c2_u, ends, P, t, t1, BQ, CHX)
+            s_2, n_2, d_2 = _range_terms(z_ptr, sp_ptr, row, c1_u, c1_r, P, t, t1, BQ, CHX)
+            s_r, n_r, d_r = s_1 + s_2, n_1 + n_2, d_1 + d_2
         s_y, n_y, d_y = _mid_terms(ys, t, t1)
-        s_all = a_q + s_1 + s_2 + s_y
-        n_all = l_q + n_1 + n_2 + n_y
+        s_all = a_q + s_r + s_y
+        n_all = l_q + n_r + n_y
         f = (s_all.to(tl.float64) + d_q.to(tl.float64)
              - l_q.to(tl.float64) * (t - lo_b).to(tl.float64)
-             + (d_1 + d_2 + d_y).to(tl.float64))
+             + (d_r + d_y).to(tl.float64))
         t_next, lo, hi, newton, done = _newton_advance(t, f, s_all, n_all, prev_s, prev_n,
                                                        newton, lo, hi, it, K, MAXIT)
         prev_s, prev_n = s_all, n_all
         active = active & (done == 0)
         t = tl.where(active, t_next, t)
         it += 1
+        first = it < 0
     return tl.where(big, t, float("-inf"))
 
 
@@ -709,10 +724,10 @@ def _block_causal_threshold(z_ptr, sp_ptr, u_ptr, p_g, p_f, p_i, row, P, n_g, sm
                             BQ: tl.constexpr, CHX: tl.constexpr):
     """Generic per-query Newton for the ``big`` queries; reads the bending base members
     (or, for a base of at most K members, the whole list) from memory on every step."""
-    tr = tl.zeros([BQ], tl.float32) + t_ref
+    tr = tl.zeros([1], tl.float32) + t_ref  # the same for every query: one row
     x_sat, x_mid, x_d = _range_terms(z_ptr, sp_ptr, row, c2_up, tl.minimum(c2_ref, c1_up), P,
-                                     tr, tr + 1.0, BQ, CHX)
-    s2_, m2_, d2_ = _range_terms(z_ptr, sp_ptr, row, c1_up, c1_ref, P, tr, tr + 1.0, BQ, CHX)
+                                     tr, tr + 1.0, 1, CHX)
+    s2_, m2_, d2_ = _range_terms(z_ptr, sp_ptr, row, c1_up, c1_ref, P, tr, tr + 1.0, 1, CHX)
     sat0 = tl.load(p_i) - tl.max(x_sat + s2_, axis=0)
     lin = tl.load(p_i + 1) - tl.max(x_mid + m2_, axis=0)
     lin_d = tl.load(p_f + 1) - tl.max(x_d + d2_, axis=0)
