@@ -484,9 +484,11 @@ def sparsek_attn_fwd_ws(
 ):
     """o [B, Hq, S, D] and lse [B, Hq, S] for one block of queries; arguments as in
     ``triton_attn.sparsek_attn_fwd_kernel``, then the TMA descriptors of k, v, q and o
-    (see descriptors). num_warps = 4 (the first consumer); a second consumer (128 rows)
-    and the producer add four warps each. With one consumer, its registers are what the
-    producer leaves of the kernel's cap."""
+    (see descriptors). q and o move through their descriptors only: q_ptr gives the
+    dtype, and o_ptr stays so that the three attention kernels share one argument list.
+    num_warps = 4 (the first consumer); a second consumer (128 rows) and the producer add
+    four warps each. With one consumer, its registers are what the producer leaves of the
+    kernel's cap."""
     M: gl.constexpr = HG * BM
     M2: gl.constexpr = CONSUMER_ROWS
     CONSUMERS: gl.constexpr = M // M2

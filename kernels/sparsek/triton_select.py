@@ -413,7 +413,11 @@ def _next_threshold(z_ptr, sp_ptr, u_ptr, row, S, p_prev, P, t_prev, c1, n1, s1,
     s2 += tl.sum(tl.where(m2, b_z, 0.0).to(tl.float64), axis=0)
     t = tl.maximum(z_k - 1.0, t_prev)
     lo, hi = _outward(t, z_k)
-    return _cursor_newton(z_ptr, sp_ptr, sp_ptr, row, row, P != P, S, t, lo, hi, c1, n1,
+    # The cursors walk the sort itself (S entries): no table, so its pointer and row
+    # (sp_ptr and row here) are never read. `P != P` is a false the compiler folds, which
+    # drops the table's branch from the cursor moves.
+    no_table = P != P
+    return _cursor_newton(z_ptr, sp_ptr, sp_ptr, row, row, no_table, S, t, lo, hi, c1, n1,
                           s1, c2, n2, s2, P, K, MAXIT, CH)
 
 
@@ -714,7 +718,7 @@ def _causal_tau_slots(z_ptr, sp_ptr, row, P, p_f, p_i, lo_b, hi_b, c1_r, c1_u, c
         active = active & (done == 0)
         t = tl.where(active, t_next, t)
         it += 1
-        first = it < 0
+        first = it == 0  # only the first step starts from the terms summed at lo_b
     return tl.where(big, t, float("-inf"))
 
 
